@@ -1,0 +1,1 @@
+"""The capture runtime: filters, staging, the writer thread, capture-time stats."""

@@ -1,0 +1,280 @@
+"""The capture API: `point`, `scope`, `wants`, `configure`, `flush`, `close`, `stats`.
+
+Disabled (TAP unset, empty or 0): `point()` returns on its first line and `scope()`
+returns a shared no-op context manager. Enabled: a point is filtered, snapshotted on
+the caller's thread or stream, and handed to the writer thread; nothing in here ever
+raises into the caller after start-up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from contextvars import ContextVar
+
+import torch
+
+from tensortap.capture import stats as capture_stats
+from tensortap.capture.identity import discover_rank, run_identity
+from tensortap.capture.staging import Stager, capturing_cuda_graph
+from tensortap.capture.writer import Counters, Job, Writer
+from tensortap.config import TapConfig, from_mapping, parse_tap
+from tensortap.errors import TapConfigError
+from tensortap.format.codecs import dtype_name
+from tensortap.format.segment import SegmentWriter
+from tensortap.format.validate import POINT_NAME
+
+log = logging.getLogger("tensortap")
+
+_scope: ContextVar[dict] = ContextVar("tensortap_scope", default={})
+_NULL_SCOPE = contextlib.nullcontext()
+
+
+class Tap:
+    """An enabled tap: config, filter, counters, stager and (once the first record comes) the writer."""
+
+    def __init__(self, config: TapConfig):
+        self.config = config
+        self.filter = config.filter
+        self.full = config.mode == "full"
+        self.counters = Counters()
+        self.stager = Stager()
+        self.writer: Writer | None = None
+        self.budget_spent = False
+        self._bytes_accepted = 0
+        self._seq = itertools.count()
+        self._names: dict[str, tuple[int | None, str]] = {}
+        self._rank: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    # -- the enabled path ----------------------------------------------------------------------
+    def record(self, name: str, tensor, meta: dict) -> None:
+        try:
+            self._record(name, tensor, meta)
+        except Exception as exc:  # never into the model's forward
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
+                            type(exc).__name__, exc)
+
+    def _record(self, name: str, tensor, meta: dict) -> None:
+        if self.writer is not None and self.writer.failed is not None:
+            self.counters.lost += 1
+            return
+        layer_in_name, point = self._names.get(name) or self._parse_name(name)
+        merged = {**_scope.get(), **meta} if meta else dict(_scope.get())
+        layer = merged.get("layer", layer_in_name)
+        rank, world_size = self.rank_and_world(merged)
+        if not self.filter.keeps(point, layer, merged.get("step"), rank, merged.get("role")):
+            return
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.as_tensor(tensor)
+        if tensor.is_cuda and capturing_cuda_graph():
+            self.counters.graph_skipped += 1
+            self._warn_once("graph", "tensortap: tap points inside CUDA-graph capture are skipped (%s); "
+                            "run the tapped steps eagerly", name)
+            return
+        nbytes = tensor.numel() * tensor.element_size() if self.full else 0
+        if self._over_budget(nbytes):
+            return
+        staged = self._stage(tensor, point, merged)
+        merged.update(
+            name=name, point=point, layer=layer, rank=rank, world_size=merged.get("world_size", world_size),
+            seq=next(self._seq), time_ns=time.time_ns(), dtype=dtype_name(tensor.dtype),
+            shape=list(tensor.shape), dropped_before=self.counters.dropped,
+        )
+        job = Job(merged["seq"], merged, staged, merged["dtype"], tuple(tensor.shape), point, self.full)
+        self._writer(rank, world_size).submit(job)
+
+    def _stage(self, tensor: torch.Tensor, point: str, merged: dict):
+        if self.full:
+            tensors, fresh = {"data": tensor}, frozenset()
+        else:
+            tensors = {"stat:" + k: v for k, v in capture_stats.device_stats(tensor, point).items()}
+            fresh = frozenset(tensors)
+        for key in [k for k, v in merged.items() if isinstance(v, torch.Tensor)]:
+            value = merged.pop(key)
+            if value.device == tensor.device and value.is_cuda:
+                tensors["meta:" + key] = value
+            else:
+                merged[key] = value.tolist()  # small host metadata (seq_lens, page_ids)
+        return self.stager.stage(tensors, fresh)
+
+    def _over_budget(self, nbytes: int) -> bool:
+        limit = self.config.max_bytes
+        if limit is None:
+            return False
+        with self._lock:
+            if self.budget_spent or self._bytes_accepted + nbytes > limit:
+                self.budget_spent = True
+                self.counters.over_budget += 1
+                self._warn_once("budget", "tensortap: max_bytes=%d reached on this rank; capture stops here "
+                                "(%d bytes captured)", limit, self._bytes_accepted)
+                return True
+            self._bytes_accepted += nbytes
+        return False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _parse_name(self, name: str) -> tuple[int | None, str]:
+        parts = name.split(".")
+        point = parts[-1]
+        if not POINT_NAME.fullmatch(point):
+            raise ValueError(f"tap point name {name!r} must end in a lowercase identifier, e.g. layers.3.attn.lse")
+        layer = None
+        if len(parts) > 2 and parts[0] == "layers":
+            try:
+                layer = int(parts[1])
+            except ValueError:
+                layer = None
+        self._names[name] = (layer, point)
+        return layer, point
+
+    def rank_and_world(self, merged: dict) -> tuple[int, int]:
+        if self._rank is None:
+            rank, world, from_group = discover_rank()
+            if from_group:
+                self._rank = (rank, world)
+        else:
+            rank, world = self._rank
+        return merged.get("rank", rank), world
+
+    def _writer(self, rank: int, world_size: int) -> Writer:
+        if self.writer is None:
+            with self._lock:
+                if self.writer is None:
+                    identity = run_identity(rank, world_size)
+                    identity["config"] = self.config.to_json_dict()
+                    segments = SegmentWriter(
+                        self.config.dir, rank, identity, self.config.compress,
+                        self.config.segment_records, self.config.segment_bytes,
+                    )
+                    self.writer = Writer(segments, self.config.queue_bytes, self.config.on_full, self.counters)
+        return self.writer
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.error(message, *args)
+
+    def wants(self, name: str, meta: dict) -> bool:
+        layer_in_name, point = self._names.get(name) or self._parse_name(name)
+        merged = {**_scope.get(), **meta}
+        rank, _ = self.rank_and_world(merged)
+        return not self.budget_spent and self.filter.keeps(
+            point, merged.get("layer", layer_in_name), merged.get("step"), rank, merged.get("role"))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.writer.flush(timeout) if self.writer is not None else True
+
+    def close(self, timeout: float | None = None) -> None:
+        if self.writer is not None:
+            self.writer.close(timeout)
+
+
+# -- module state and the public functions -------------------------------------------------------
+_tap: Tap | None = None
+
+
+def point(name: str, tensor, **meta) -> None:
+    """Record `tensor` at tap point `name` (e.g. "layers.78.attn.lse") with metadata `meta`.
+
+    Metadata from the enclosing `scope()` is merged in; `meta` wins. Does nothing when
+    the tap is disabled, and never raises into the caller.
+    """
+    if _tap is None:
+        return
+    _tap.record(name, tensor, meta)
+
+
+class _Scope:
+    __slots__ = ("meta", "token")
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def __enter__(self):
+        self.token = _scope.set({**_scope.get(), **self.meta})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _scope.reset(self.token)
+
+
+def scope(**meta):
+    """Context manager holding a forward's shared metadata (step, layer, role, ...); scopes nest."""
+    if _tap is None:
+        return _NULL_SCOPE
+    return _Scope(meta)
+
+
+def wants(name: str, **meta) -> bool:
+    """Would `point(name, ..., **meta)` record? Lets a caller skip work done only for the tap."""
+    return _tap is not None and _tap.wants(name, meta)
+
+
+def enabled() -> bool:
+    return _tap is not None
+
+
+def configure(tap: str | None = None, **keys) -> TapConfig | None:
+    """Enable capture from Python with the TAP keys (or a TAP string); no arguments disables it.
+
+        tensortap.configure(dir="/scratch/tap", layers="78", roles="draft")
+        tensortap.configure("/scratch/tap;steps=0-9")
+
+    An active tap is flushed and closed first.
+    """
+    global _tap
+    if tap is not None and keys:
+        raise TapConfigError("configure() takes a TAP string or keys, not both")
+    config = parse_tap(tap) if tap is not None else (from_mapping(keys) if keys else None)
+    if _tap is not None:
+        _tap.close()
+    _tap = Tap(config) if config is not None else None
+    return config
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Return when everything recorded so far is written and flushed to disk (False on timeout)."""
+    return _tap.flush(timeout) if _tap is not None else True
+
+
+def close(timeout: float | None = None) -> None:
+    """Flush, commit the open segment and stop capturing."""
+    global _tap
+    tap, _tap = _tap, None
+    if tap is not None:
+        tap.close(timeout)
+
+
+def stats() -> dict:
+    """This process's capture counters: records, bytes, dropped, over_budget, lost, errors, graph_skipped."""
+    return _tap.counters.as_dict() if _tap is not None else Counters().as_dict()
+
+
+def current_config() -> TapConfig | None:
+    return _tap.config if _tap is not None else None
+
+
+def _from_environment() -> None:
+    global _tap
+    config = parse_tap(os.environ.get("TAP"))
+    _tap = Tap(config) if config is not None else None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets its own tap (and later its own writer and files), never the parent's thread."""
+    global _tap
+    if _tap is not None:
+        _tap = Tap(_tap.config)
+
+
+_from_environment()
+atexit.register(close, 30.0)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

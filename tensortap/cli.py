@@ -1,0 +1,196 @@
+"""The `tensortap` command line. Exit codes: 0 clean, 1 findings or differences, 2 usage, I/O or format error.
+
+--json prints machine-readable output on stdout; diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tensortap.errors import TapError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Capture, check and diff per-rank tensors of distributed MLA attention.",
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _guarded(command):
+    """Turn every expected error into one line on stderr and exit code 2; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TapError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(2)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug of ours: still one line, the traceback on request
+            if os.environ.get("TENSORTAP_DEBUG"):
+                raise
+            err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (set TENSORTAP_DEBUG=1 for the traceback)")
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _print_json(value) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _open(paths: List[Path]):
+    import tensortap
+
+    return tensortap.open([str(p) for p in paths])
+
+
+# -- ls ----------------------------------------------------------------------------------------------
+@app.command("ls")
+@_guarded
+def ls_command(
+    dumps: List[Path] = typer.Argument(..., help="Dump directories or segment files."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+):
+    """List what a dump holds: ranks, steps, layers, roles, points, bytes, dropped and truncated records."""
+    from tensortap.dump import span
+    from tensortap.format.validate import human_bytes
+
+    d = _open(dumps)
+    summary = d.summary()
+    per_rank = []
+    for rank in d.ranks:
+        sub = d.select(rank=rank)
+        per_rank.append({
+            "rank": rank, "records": len(sub), "steps": sub.steps, "layers": sub.layers, "roles": sub.roles,
+            "points": sub.points, "bytes": sub.nbytes, "dropped": d.dropped.get(rank, 0),
+            "segments": sum(1 for s in d.segments if s.root.get("rank") == rank),
+        })
+    if as_json:
+        _print_json({**summary, "per_rank": per_rank})
+        return
+    out.print(repr(d))
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("rank", "records", "steps", "layers", "roles", "points", "bytes", "dropped"):
+        table.add_column(col, justify="right" if col in ("rank", "records", "bytes", "dropped") else "left")
+    for row in per_rank:
+        table.add_row(str(row["rank"]), str(row["records"]), span(row["steps"]), span(row["layers"]),
+                      ",".join(row["roles"]) or "-", ",".join(row["points"]), human_bytes(row["bytes"]),
+                      str(row["dropped"]))
+    out.print(table)
+    for seg in d.truncated:
+        out.print(f"[yellow]truncated[/yellow] {seg.path}: {seg.records} record(s) readable; {seg.truncation}")
+    for line in d.capture_errors:
+        out.print(f"[red]capture error[/red] {line}")
+
+
+# -- show --------------------------------------------------------------------------------------------
+@app.command("show")
+@_guarded
+def show_command(
+    dump: Path = typer.Argument(..., help="Dump directory or segment file."),
+    point: str = typer.Argument(..., help="Point (lse) or full name (layers.78.attn.lse)."),
+    step: Optional[int] = typer.Option(None, help="Step."),
+    layer: Optional[int] = typer.Option(None, help="Layer (negative counts from the last)."),
+    role: Optional[str] = typer.Option(None, help="target or draft."),
+    rank: Optional[int] = typer.Option(None, help="Global rank."),
+    edge: int = typer.Option(3, help="Leading and trailing entries shown per dimension."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+):
+    """Show one record's metadata, capture stats and a slice of its tensor (or list the matches)."""
+    import torch
+
+    d = _open([dump])
+    sub = d.select(point=point, step=step, layer=layer, role=role, rank=rank)
+    if len(sub) != 1:
+        if not len(sub):
+            d.record(point, step=step, layer=layer, role=role, rank=rank)  # raises with a useful hint
+        _show_matches(sub, as_json)
+        return
+    rec = sub[0]
+    meta = {k: v for k, v in rec.meta.items() if k != "stats"}
+    tensor = rec.tensor() if rec.stored else None
+    sliced = _edge_slice(tensor, edge) if tensor is not None else None
+    if as_json:
+        _print_json({"meta": meta, "stats": rec.stats, "slice": sliced, "file": rec.path})
+        return
+    out.print(repr(rec))
+    out.print(f"file: {rec.path}")
+    for key, value in meta.items():
+        out.print(f"  {key}: {value}")
+    out.print("stats: " + ", ".join(f"{k}={v}" for k, v in rec.stats.items()))
+    if tensor is not None:
+        with_float = tensor.float() if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+        torch.set_printoptions(edgeitems=edge, threshold=64, linewidth=120)
+        out.print(str(with_float), markup=False)
+
+
+def _edge_slice(tensor, edge: int):
+    """The first `edge` entries along every dimension, as nested lists of floats/ints."""
+    import torch
+
+    index = tuple(slice(0, edge) for _ in range(tensor.dim()))
+    part = tensor[index]
+    if part.dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2):
+        part = part.float()
+    return part.tolist()
+
+
+def _show_matches(sub, as_json: bool) -> None:
+    cols = ["name", "step", "role", "rank", "spec_pos", "shape", "dtype", "nonfinite", "zero_heads", "empty_rows"]
+    frame = sub.records
+    cols = [c for c in cols if c in frame.columns]
+    if as_json:
+        _print_json({"matches": frame[cols].to_dict(orient="records")})
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold", title=f"{len(sub)} records match; narrow with "
+                  "--step/--layer/--role/--rank to see one")
+    for col in cols:
+        table.add_column(col)
+    for row in frame[cols].itertuples(index=False):
+        table.add_row(*[_cell(v) for v in row])
+    out.print(table)
+
+
+def _cell(value) -> str:
+    import math
+
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

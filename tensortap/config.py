@@ -1,0 +1,280 @@
+"""The TAP grammar, parsed once into a frozen `TapConfig`.
+
+    TAP="<dir>[;key=value]..."
+    TAP="/scratch/tap;layers=0,78;steps=100-140;roles=draft;points=q,topk,lse"
+
+Unset, empty or ``0`` means disabled. Every key is also accepted by
+`tensortap.configure(**keys)`. An unknown key or a malformed value raises
+`TapConfigError` with one line that names it and lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from tensortap.errors import TapConfigError
+
+# The tap points of the contract (DESIGN section 3), in the order the reference emits them.
+POINTS = (
+    "block_table",
+    "kv_pages",
+    "q",
+    "topk",
+    "slots",
+    "partial_out",
+    "lse",
+    "merged_out",
+    "attn_out",
+    "o_proj_partial",
+    "hidden",
+)
+ROLES = ("target", "draft")
+MODES = ("full", "stats")
+ON_FULL = ("block", "drop")
+COMPRESSIONS = ("none", "lzf", "gzip")
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True)
+class IntSet:
+    """Inclusive integer ranges, e.g. ``0,78`` or ``100-140``. Empty ranges mean 'all'."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __contains__(self, value: int) -> bool:
+        return any(lo <= value <= hi for lo, hi in self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+    @classmethod
+    def parse(cls, key: str, text: str) -> "IntSet":
+        ranges = []
+        for item in text.split(","):
+            item = item.strip()
+            m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", item)
+            if not m:
+                raise TapConfigError(
+                    f"TAP key '{key}': '{item}' is not an integer or an inclusive range a-b; "
+                    f"write e.g. {key}=0,3,10-20"
+                )
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo:
+                raise TapConfigError(f"TAP key '{key}': range '{item}' ends before it starts; write {hi}-{lo}")
+            ranges.append((lo, hi))
+        return cls(tuple(ranges))
+
+    @classmethod
+    def of(cls, key: str, value) -> "IntSet":
+        """From a TAP string, an int, or an iterable of ints (the Python side of configure)."""
+        if isinstance(value, IntSet):
+            return value
+        if isinstance(value, bool):
+            raise TapConfigError(f"TAP key '{key}': expected integers, got {value!r}")
+        if isinstance(value, int):
+            return cls(((value, value),))
+        if isinstance(value, str):
+            return cls.parse(key, value)
+        if isinstance(value, range) and value.step == 1 and len(value):
+            return cls(((value.start, value.stop - 1),))
+        try:
+            values = [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise TapConfigError(f"TAP key '{key}': expected integers or ranges, got {value!r}") from None
+        return cls(tuple((v, v) for v in values))
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which records to keep: one filter type, used by capture and by the reader alike.
+
+    `None` in a field means 'all'. A record that lacks a field that is filtered on
+    (say, no step in its scope while `steps=` is set) is not kept.
+    """
+
+    layers: IntSet | None = None
+    steps: IntSet | None = None
+    ranks: IntSet | None = None
+    points: frozenset[str] | None = None
+    roles: frozenset[str] | None = None
+
+    def keeps(self, point: str, layer, step, rank, role) -> bool:
+        if self.points is not None and point not in self.points:
+            return False
+        if self.roles is not None and role not in self.roles:
+            return False
+        if self.layers is not None and (layer is None or layer not in self.layers):
+            return False
+        if self.steps is not None and (step is None or step not in self.steps):
+            return False
+        if self.ranks is not None and (rank is None or rank not in self.ranks):
+            return False
+        return True
+
+    @property
+    def keeps_everything(self) -> bool:
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    """A parsed TAP value. Frozen: the capture runtime reads it, never changes it."""
+
+    dir: str
+    filter: Filter = Filter()
+    mode: str = "full"
+    max_bytes: int | None = None
+    on_full: str = "block"
+    compress: str = "none"
+    segment_records: int = 20_000
+    segment_bytes: int = 2 << 30
+    queue_bytes: int = 1 << 30
+
+    def to_json_dict(self) -> dict:
+        f = self.filter
+        return {
+            "dir": self.dir,
+            "layers": str(f.layers) if f.layers else None,
+            "steps": str(f.steps) if f.steps else None,
+            "ranks": str(f.ranks) if f.ranks else None,
+            "points": sorted(f.points) if f.points is not None else None,
+            "roles": sorted(f.roles) if f.roles is not None else None,
+            "mode": self.mode,
+            "max_bytes": self.max_bytes,
+            "on_full": self.on_full,
+            "compress": self.compress,
+            "segment_records": self.segment_records,
+            "segment_bytes": self.segment_bytes,
+            "queue_bytes": self.queue_bytes,
+        }
+
+
+VALID_KEYS = (
+    "dir",
+    "layers",
+    "steps",
+    "ranks",
+    "points",
+    "roles",
+    "mode",
+    "max_bytes",
+    "on_full",
+    "compress",
+    "segment_records",
+    "segment_bytes",
+    "queue_bytes",
+)
+
+
+def parse_size(key: str, text) -> int:
+    """'20G', '512M', '1.5G', '4096' -> bytes (binary units)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), flags=re.IGNORECASE)
+        if not m:
+            raise TapConfigError(f"TAP key '{key}': '{text}' is not a size; write e.g. {key}=20G, 512M or 4096")
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise TapConfigError(f"TAP key '{key}': must be positive, got {text!r}")
+    return value
+
+
+def _names(key: str, value, valid: tuple[str, ...]) -> frozenset[str]:
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+    items = [s for s in items if s]
+    if not items:
+        raise TapConfigError(f"TAP key '{key}': empty list; valid values: {', '.join(valid)}")
+    for item in items:
+        if item not in valid:
+            raise TapConfigError(f"TAP key '{key}': unknown value '{item}'; valid values: {', '.join(valid)}")
+    return frozenset(items)
+
+
+def _choice(key: str, value, valid: tuple[str, ...]) -> str:
+    value = str(value).strip()
+    if value not in valid:
+        raise TapConfigError(f"TAP key '{key}': unknown value '{value}'; valid values: {', '.join(valid)}")
+    return value
+
+
+def from_mapping(keys: Mapping[str, object]) -> TapConfig:
+    """Build a TapConfig from key/value pairs (strings from TAP, or Python values)."""
+    unknown = [k for k in keys if k not in VALID_KEYS]
+    if unknown:
+        raise TapConfigError(f"unknown TAP key '{unknown[0]}'; valid keys: {', '.join(VALID_KEYS)}")
+    directory = keys.get("dir")
+    if directory is None or str(directory).strip() == "":
+        raise TapConfigError("TAP has no directory; write TAP=/path/to/dir[;key=value...] or configure(dir=...)")
+    ints = {k: IntSet.of(k, keys[k]) for k in ("layers", "steps", "ranks") if keys.get(k) is not None}
+    flt = Filter(
+        layers=ints.get("layers"),
+        steps=ints.get("steps"),
+        ranks=ints.get("ranks"),
+        points=_names("points", keys["points"], POINTS) if keys.get("points") is not None else None,
+        roles=_names("roles", keys["roles"], ROLES) if keys.get("roles") is not None else None,
+    )
+    config = TapConfig(dir=str(directory), filter=flt)
+    changes: dict[str, object] = {}
+    if keys.get("mode") is not None:
+        changes["mode"] = _choice("mode", keys["mode"], MODES)
+    if keys.get("on_full") is not None:
+        changes["on_full"] = _choice("on_full", keys["on_full"], ON_FULL)
+    if keys.get("compress") is not None:
+        changes["compress"] = _choice("compress", keys["compress"], COMPRESSIONS)
+    for key in ("max_bytes", "segment_bytes", "queue_bytes"):
+        if keys.get(key) is not None:
+            changes[key] = parse_size(key, keys[key])
+    if keys.get("segment_records") is not None:
+        changes["segment_records"] = parse_size("segment_records", keys["segment_records"])
+    return dataclasses.replace(config, **changes)
+
+
+def parse_tap(value: str | None) -> TapConfig | None:
+    """Parse a TAP value; None when the tap is disabled (unset, empty or '0')."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value in ("", "0"):
+        return None
+    keys: dict[str, str] = {}
+    for i, item in enumerate(value.split(";")):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            if i == 0:
+                keys["dir"] = item
+                continue
+            raise TapConfigError(
+                f"TAP item '{item}' is not key=value; valid keys: {', '.join(VALID_KEYS)}"
+            )
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key in keys:
+            raise TapConfigError(f"TAP key '{key}' is given twice; keep one")
+        keys[key] = val.strip()
+    return from_mapping(keys)
+
+
+def filter_from(
+    layers=None, steps=None, ranks=None, points: Iterable[str] | str | None = None, roles=None
+) -> Filter:
+    """The same filter from Python values, for the reader (points and roles are not restricted)."""
+    def names(v):
+        if v is None:
+            return None
+        return frozenset([v] if isinstance(v, str) else v)
+
+    return Filter(
+        layers=IntSet.of("layers", layers) if layers is not None else None,
+        steps=IntSet.of("steps", steps) if steps is not None else None,
+        ranks=IntSet.of("ranks", ranks) if ranks is not None else None,
+        points=names(points),
+        roles=names(roles),
+    )

@@ -1,0 +1,370 @@
+"""`Dump` and `Record`: a dump as notebooks and the analyzer see it.
+
+    d = tensortap.open("/scratch/tap")
+    d.records                                     # pandas DataFrame, one row per record
+    d.get("lse", step=3, layer=78, role="draft", rank=1)   # one torch tensor, exact dtype
+    d.stack("partial_out", over="rank", step=3, layer=78, role="draft")
+    d["lse", -1]                                  # a sub-dump: point lse, last layer
+    for rec in d.iter(point="lse"): rec.meta, rec.tensor()   # streaming, bounded memory
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tensortap.config import filter_from
+from tensortap.errors import FormatError, SelectionError
+from tensortap.format import codecs
+from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths
+from tensortap.format.validate import human_bytes
+
+_FILTER_KEYS = ("point", "step", "layer", "role", "rank")
+_COLUMNS_FIRST = ["name", "point", "step", "layer", "role", "spec_pos", "rank", "world_size", "tp_rank", "tp_size",
+                  "dcp_rank", "dcp_size", "group_dcp_rank", "group_dcp_size", "kv_dcp_size", "head_offset",
+                  "shape", "dtype", "nbytes", "stored", "nonfinite", "absmax", "zeros", "zero_heads", "empty_rows"]
+
+
+class Record:
+    """One captured tensor: its metadata, its capture-time stats, and the tensor on demand."""
+
+    __slots__ = ("meta", "_dump", "_path")
+
+    def __init__(self, meta: dict, dump: "Dump", path: str):
+        self.meta = meta
+        self._dump = dump
+        self._path = path
+
+    name = property(lambda self: self.meta.get("name"))
+    point = property(lambda self: self.meta.get("point"))
+    step = property(lambda self: self.meta.get("step"))
+    layer = property(lambda self: self.meta.get("layer"))
+    role = property(lambda self: self.meta.get("role"))
+    rank = property(lambda self: self.meta.get("rank"))
+    dtype = property(lambda self: self.meta.get("dtype"))
+    shape = property(lambda self: tuple(self.meta.get("shape", ())))
+    stats = property(lambda self: self.meta.get("stats", {}))
+    stored = property(lambda self: bool(self.meta.get("stored", True)))
+    path = property(lambda self: self._path)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * codecs.STORED[self.dtype][0].itemsize
+
+    def raw(self) -> np.ndarray:
+        """The array as stored: raw bits (uint16/uint8) for bfloat16 and float8."""
+        return self._dump._reader(self._path).read_array(self.meta)
+
+    def tensor(self):
+        """A torch tensor in the original dtype, bit-exact."""
+        return codecs.to_torch(self.raw(), self.dtype)
+
+    def numpy(self) -> np.ndarray:
+        """A numpy array: native dtype, or an exact float32 upcast of bfloat16/float8."""
+        return codecs.to_numpy(self.raw(), self.dtype)
+
+    def float64(self) -> np.ndarray:
+        """Exact float64 values (indices and integers converted too)."""
+        return codecs.to_float(self.raw(), self.dtype)
+
+    def stats_array(self) -> np.ndarray | None:
+        """Per-(token, head) norm/zeros for head points, valid-per-row for index points."""
+        return self._dump._reader(self._path).read_stats(self.meta)
+
+    def __repr__(self) -> str:
+        where = " ".join(f"{k}={self.meta[k]}" for k in ("step", "role", "rank", "spec_pos") if self.meta.get(k) is not None)
+        kept = "" if self.stored else " (stats only)"
+        return f"<Record {self.name} {where} {self.dtype}{list(self.shape)}{kept}>"
+
+
+class _ReaderPool:
+    """Open segments, at most `size` at a time (least recently used is closed first)."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._open: collections.OrderedDict[str, SegmentReader] = collections.OrderedDict()
+
+    def get(self, path: str) -> SegmentReader:
+        reader = self._open.get(path)
+        if reader is None:
+            reader = SegmentReader(path)
+            self._open[path] = reader
+            while len(self._open) > self.size:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(path)
+        return reader
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+class Dump:
+    """A set of records from one or more segments; selections return new Dumps sharing the files."""
+
+    def __init__(self, metas: list[dict], paths: list[str], segments: list[SegmentInfo], pool: _ReaderPool):
+        self._metas = metas
+        self._paths = paths
+        self.segments = segments
+        self._pool = pool
+        self._frame = None
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike | Sequence[str | os.PathLike], max_open_files: int = 32) -> "Dump":
+        """Open a directory, a segment file, or a list of them. Unreadable committed files raise FormatError."""
+        targets = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        files = []
+        for target in targets:
+            files.extend(list_segment_paths(os.fspath(target)))
+        if not files:
+            raise FormatError(targets[0] if targets else "(nothing)", "holds no tensortap segments (*.tap.h5)",
+                              "pass a directory written by TAP=...")
+        pool = _ReaderPool(max_open_files)
+        metas, paths, segments = [], [], []
+        for file in files:
+            try:
+                reader = SegmentReader(file)
+            except FormatError as exc:
+                if not file.endswith(".tmp"):
+                    pool.close()
+                    raise
+                segments.append(SegmentInfo(file, False, 0, {}, f"unreadable, no record survived ({exc.problem})"))
+                continue
+            segments.append(reader.info)
+            metas.extend(reader.metas)
+            paths.extend([file] * len(reader.metas))
+            reader.close()
+        order = sorted(range(len(metas)), key=lambda i: (metas[i].get("time_ns", 0), metas[i].get("rank", 0),
+                                                         metas[i].get("seq", 0)))
+        return cls([metas[i] for i in order], [paths[i] for i in order], segments, pool)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> "Dump":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _reader(self, path: str) -> SegmentReader:
+        return self._pool.get(path)
+
+    # -- the index -------------------------------------------------------------------------------
+    @property
+    def records(self):
+        """pandas DataFrame, one row per record: metadata, shape, dtype, nbytes and capture stats."""
+        if self._frame is None:
+            import pandas as pd
+
+            rows = []
+            for meta, path in zip(self._metas, self._paths):
+                row = {k: v for k, v in meta.items() if k != "stats"}
+                row.update(meta.get("stats", {}))
+                row["shape"] = tuple(meta.get("shape", ()))
+                row["nbytes"] = int(np.prod(row["shape"], dtype=np.int64)) * codecs.STORED[meta["dtype"]][0].itemsize
+                row["file"] = os.path.basename(path)
+                rows.append(row)
+            frame = pd.DataFrame.from_records(rows)
+            if len(frame):
+                first = [c for c in _COLUMNS_FIRST if c in frame.columns]
+                frame = frame[first + [c for c in frame.columns if c not in first]]
+            self._frame = frame
+        return self._frame
+
+    def _values(self, key: str) -> list:
+        return sorted({m.get(key) for m in self._metas if m.get(key) is not None}, key=_sort_key)
+
+    ranks = property(lambda self: self._values("rank"))
+    steps = property(lambda self: self._values("step"))
+    layers = property(lambda self: self._values("layer"))
+    roles = property(lambda self: self._values("role"))
+    points = property(lambda self: self._values("point"))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(Record(m, self, p).nbytes for m, p in zip(self._metas, self._paths) if m.get("stored", True))
+
+    @property
+    def truncated(self) -> list[SegmentInfo]:
+        return [s for s in self.segments if not s.committed]
+
+    @property
+    def dropped(self) -> dict[int, int]:
+        """Records dropped by on_full=drop, per rank (from committed segments and from records' counters)."""
+        out: dict[int, int] = collections.defaultdict(int)
+        for seg in self.segments:
+            rank = seg.root.get("rank")
+            if rank is not None and seg.root.get("dropped_total") is not None:
+                out[rank] = max(out[rank], int(seg.root["dropped_total"]))
+        for meta in self._metas:
+            out[meta.get("rank", 0)] = max(out[meta.get("rank", 0)], int(meta.get("dropped_before", 0)))
+        return {r: n for r, n in sorted(out.items()) if n}
+
+    @property
+    def capture_errors(self) -> list[str]:
+        """Write failures recorded by writers (disk full, ...), one line each."""
+        return [f"{os.path.basename(s.path)}: {s.root['capture_error']} ({s.root.get('records_lost', '?')} lost)"
+                for s in self.segments if s.root.get("capture_error")]
+
+    # -- selection -------------------------------------------------------------------------------
+    def select(self, point=None, step=None, layer=None, role=None, rank=None, **equal) -> "Dump":
+        """Records matching every filter: ints, ranges/lists, "a-b" strings; negative layers count from the end."""
+        if isinstance(point, str) and "." in point:
+            equal["name"], point = point, None
+        layer = self._resolve_layers(layer)
+        flt = filter_from(layers=layer, steps=step, ranks=rank, points=point, roles=role)
+        keep = []
+        for i, meta in enumerate(self._metas):
+            if not flt.keeps(meta.get("point"), meta.get("layer"), meta.get("step"), meta.get("rank"), meta.get("role")):
+                continue
+            if any(meta.get(k) != v for k, v in equal.items()):
+                continue
+            keep.append(i)
+        sub = Dump([self._metas[i] for i in keep], [self._paths[i] for i in keep], self.segments, self._pool)
+        return sub
+
+    def _resolve_layers(self, layer):
+        if layer is None:
+            return None
+        layers = self.layers
+        values = [layer] if isinstance(layer, int) else (list(layer) if not isinstance(layer, str) else None)
+        if values is None:
+            return layer
+        out = []
+        for v in values:
+            if v < 0:
+                if -v > len(layers):
+                    raise SelectionError(f"layer {v}: the dump has only {len(layers)} layers ({span(layers)})")
+                v = layers[v]
+            out.append(v)
+        return out
+
+    def __getitem__(self, key):
+        """d["lse"], d["lse", 78], d["lse", -1], d[0] (the first record)."""
+        if isinstance(key, int):
+            return Record(self._metas[key], self, self._paths[key])
+        if isinstance(key, str):
+            return self.select(point=key)
+        if isinstance(key, tuple) and 1 <= len(key) <= 2:
+            return self.select(point=key[0], layer=key[1] if len(key) > 1 else None)
+        raise KeyError(f"index a Dump by point, (point, layer) or record number, not {key!r}")
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.iter()
+
+    def iter(self, point=None, **filters) -> Iterator[Record]:
+        """Records one by one, in capture order; tensors are read only when asked for."""
+        sub = self.select(point=point, **filters) if (point is not None or filters) else self
+        for meta, path in zip(sub._metas, sub._paths):
+            yield Record(meta, self, path)
+
+    def record(self, point=None, **filters) -> Record:
+        """The one record matching the filters; SelectionError says how to narrow a wider match."""
+        sub = self.select(point=point, **filters)
+        if len(sub) == 1:
+            return sub[0]
+        asked = _describe(point, filters)
+        if not sub:
+            raise SelectionError(f"no record matches {asked}; the dump has points {', '.join(self.points)}, "
+                                 f"steps {span(self.steps)}, layers {span(self.layers)}, ranks {span(self.ranks)}")
+        hints = []
+        for key in ("rank", "step", "layer", "role", "spec_pos", "point"):
+            values = sub._values(key)
+            if len(values) > 1:
+                hints.append(f"{key}= ({', '.join(map(str, values[:8]))}{', ...' if len(values) > 8 else ''})")
+        raise SelectionError(f"{len(sub)} records match {asked}; narrow with {' or '.join(hints) or 'file'}")
+
+    def get(self, point=None, **filters):
+        """One tensor, exact dtype. Filters: step, layer, role, rank, spec_pos, any metadata key."""
+        return self.record(point, **filters).tensor()
+
+    def stack(self, point=None, over: str = "rank", **filters):
+        """Stack the tensors of one point over ranks (or steps, ...): [N, ...], ordered by `over`."""
+        import torch
+
+        sub = self.select(point=point, **filters)
+        by_value: dict = {}
+        for rec in sub.iter():
+            value = rec.meta.get(over)
+            if value in by_value:
+                raise SelectionError(f"several records of {_describe(point, filters)} have {over}={value}; "
+                                     f"narrow the selection (e.g. step=, layer=, role=)")
+            by_value[value] = rec
+        if not by_value:
+            raise SelectionError(f"no record matches {_describe(point, filters)}")
+        keys = sorted(by_value, key=_sort_key)
+        shapes = {k: by_value[k].shape for k in keys}
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{over} {k}: {list(s)}" for k, s in shapes.items())
+            raise SelectionError(f"cannot stack {_describe(point, filters)} over {over}: shapes differ ({listing})")
+        return torch.stack([by_value[k].tensor() for k in keys])
+
+    # -- display ---------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {
+            "records": len(self),
+            "ranks": self.ranks,
+            "steps": self.steps,
+            "layers": self.layers,
+            "roles": self.roles,
+            "points": self.points,
+            "bytes": self.nbytes,
+            "segments": len(self.segments),
+            "truncated_segments": [{"file": s.path, "records": s.records, "why": s.truncation} for s in self.truncated],
+            "dropped": self.dropped,
+            "capture_errors": self.capture_errors,
+        }
+
+    def __repr__(self) -> str:
+        extra = f", {len(self.truncated)} truncated segment(s)" if self.truncated else ""
+        return (f"<Dump {len(self.ranks)} ranks, {len(self.steps)} steps, {len(self.layers)} layers, "
+                f"{len(self.points)} points, {human_bytes(self.nbytes)}{extra}>")
+
+    def _repr_html_(self) -> str:
+        rows = []
+        for point in self.points:
+            sub = self.select(point=point)
+            rows.append(f"<tr><td>{html.escape(point)}</td><td>{len(sub)}</td><td>{span(sub.ranks)}</td>"
+                        f"<td>{span(sub.steps)}</td><td>{span(sub.layers)}</td>"
+                        f"<td>{html.escape(', '.join(sub.roles))}</td><td>{human_bytes(sub.nbytes)}</td></tr>")
+        head = "<tr><th>point</th><th>records</th><th>ranks</th><th>steps</th><th>layers</th><th>roles</th><th>bytes</th></tr>"
+        return f"<p>{html.escape(repr(self))}</p><table>{head}{''.join(rows)}</table>"
+
+
+def _sort_key(value):
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
+def span(values: list) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3,7'."""
+    if not values:
+        return "-"
+    if not all(isinstance(v, int) for v in values):
+        return ",".join(map(str, values))
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)
+
+
+def _describe(point, filters: dict) -> str:
+    parts = [repr(point)] if point is not None else []
+    parts += [f"{k}={v}" for k, v in filters.items() if v is not None]
+    return " ".join(parts) or "the selection"
+
+

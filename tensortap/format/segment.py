@@ -1,0 +1,209 @@
+"""Writing segments: the only writer-side code that calls h5py.
+
+A segment is created as `.tmp`, flushed after every record (a SIGKILL keeps every
+flushed record readable), and at rotation or close gets its index table, is closed,
+fsync'd and renamed to its final name (the index is the commit marker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from tensortap.format import schema
+from tensortap.format.codecs import RAW_BITS, STORED
+
+# Superblock of the 1.8 format: later ones set a "file open for write" flag that makes a
+# SIGKILLed segment unreadable without h5clear. Measured here; see DESIGN section 5.
+LIBVER = ("v108", "v108")
+
+
+@dataclass
+class PendingRecord:
+    """One record as the writer thread hands it to the segment: host arrays and JSON-able metadata."""
+
+    seq: int
+    meta: dict
+    array: np.ndarray | None  # None in stats mode
+    dtype: str
+    shape: tuple[int, ...]
+    stats: dict = field(default_factory=dict)  # scalar stats (schema.SCALAR_STATS)
+    stats_array: np.ndarray | None = None  # per-(token, head) or per-row stats
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes if self.array is not None else 0
+
+
+def create_private_dir(path: str) -> None:
+    """Create `path` (and parents) 0700; an existing directory is left as the user made it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SegmentWriter:
+    """Rotating segments of one process. Not thread-safe: only the writer thread calls it."""
+
+    def __init__(
+        self,
+        directory: str,
+        rank: int,
+        root_attrs: dict,
+        compress: str = "none",
+        segment_records: int = 20_000,
+        segment_bytes: int = 2 << 30,
+    ):
+        self.directory = directory
+        self.rank = rank
+        self.root_attrs = root_attrs
+        self.segment_records = segment_records
+        self.segment_bytes = segment_bytes
+        self._dataset_options = {} if compress == "none" else {"compression": compress, "chunks": True}
+        self._host = str(root_attrs.get("host", "host"))
+        self._pid = int(root_attrs.get("pid", os.getpid()))
+        self._seg = 0
+        self._file: h5py.File | None = None
+        self._tmp_path = ""
+        self._rows: list[tuple] = []
+        self._metas: list[str] = []
+        self._bytes = 0
+        self.paths: list[str] = []  # closed segments
+
+    # -- records ---------------------------------------------------------------------------
+    def write(self, rec: PendingRecord) -> None:
+        if self._file is None:
+            self._open_next()
+        meta_json = json.dumps(rec.meta, separators=(",", ":"), allow_nan=True)
+        group = self._records.create_group(schema.record_group_name(rec.seq))
+        if rec.array is not None:
+            dataset = group.create_dataset(rec.meta["point"], data=rec.array, **self._dataset_options)
+            if rec.dtype in RAW_BITS:
+                dataset.attrs[schema.DTYPE_ATTR] = rec.dtype
+        if rec.stats_array is not None:
+            group.create_dataset(schema.STATS_DATASET, data=rec.stats_array)
+        group.attrs[schema.META_ATTR] = meta_json
+        self._file.flush()
+        self._rows.append(_index_row(rec))
+        self._metas.append(meta_json)
+        self._bytes += rec.nbytes
+        if len(self._rows) >= self.segment_records or self._bytes >= self.segment_bytes:
+            self.close_segment()
+
+    # -- segments --------------------------------------------------------------------------
+    def _open_next(self) -> None:
+        create_private_dir(self.directory)
+        name = schema.segment_name(self.rank, self._host, self._pid, self._seg)
+        self._tmp_path = os.path.join(self.directory, name.replace(schema.SUFFIX, schema.TMP_SUFFIX))
+        fd = os.open(self._tmp_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+        self._file = h5py.File(self._tmp_path, "w", libver=LIBVER, locking=False)
+        attrs = self._file.attrs
+        attrs["tensortap_format"] = schema.FORMAT_VERSION
+        attrs["segment"] = self._seg
+        attrs["opened_ns"] = time.time_ns()
+        for key, value in self.root_attrs.items():
+            attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        self._records = self._file.create_group(schema.RECORDS_GROUP)
+        self._file.flush()
+        self._rows, self._metas, self._bytes = [], [], 0
+
+    def close_segment(self, final_attrs: dict | None = None) -> None:
+        """Write the index (commit marker), close, fsync and rename the open segment."""
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        try:
+            index = np.array(self._rows, dtype=schema.INDEX_DTYPE)
+            f.create_dataset(schema.INDEX_DATASET, data=index)
+            f.create_dataset(
+                schema.INDEX_DATASET + "_meta",
+                data=np.array(self._metas, dtype=object),
+                dtype=h5py.string_dtype("utf-8"),
+            )
+            for key, value in (final_attrs or {}).items():
+                f.attrs[key] = value
+            f.attrs["records"] = len(self._rows)
+            f.attrs["closed_ns"] = time.time_ns()
+        finally:
+            f.close()
+        with open(self._tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        final = self._tmp_path[: -len(".tmp")]
+        os.rename(self._tmp_path, final)
+        _fsync_dir(self.directory)
+        self.paths.append(final)
+        self._seg += 1
+
+    def mark_failure(self, attrs: dict) -> None:
+        """Best effort after a write error: note the loss in the open segment and close it."""
+        if self._file is None:
+            return
+        try:
+            for key, value in attrs.items():
+                self._file.attrs[key] = value
+            self._file.flush()
+        except Exception:
+            pass
+        try:
+            self.close_segment()
+        except Exception:
+            try:
+                if self._file is not None:
+                    self._file.close()
+            except Exception:
+                pass
+            self._file = None
+
+    @property
+    def open_path(self) -> str | None:
+        return self._tmp_path if self._file is not None else None
+
+
+def _index_row(rec: PendingRecord) -> tuple:
+    meta = rec.meta
+    shape = list(rec.shape)[: schema.MAX_NDIM] + [0] * (schema.MAX_NDIM - min(len(rec.shape), schema.MAX_NDIM))
+    stats = rec.stats
+    return (
+        rec.seq,
+        _int(meta.get("step")),
+        _int(meta.get("layer")),
+        _int(meta.get("spec_pos")),
+        _int(meta.get("rank")),
+        str(meta.get("role") or "").encode()[:16],
+        str(meta["point"]).encode()[:32],
+        str(meta["name"]).encode()[:128],
+        rec.dtype.encode(),
+        len(rec.shape),
+        shape,
+        int(np.prod(rec.shape, dtype=np.int64)) * STORED[rec.dtype][0].itemsize,
+        1 if rec.array is not None else 0,
+        int(stats.get("nonfinite", 0)),
+        float(stats.get("absmax", 0.0)),
+        int(stats.get("zeros", 0)),
+        int(stats.get("zero_heads", -1)),
+        int(stats.get("empty_rows", -1)),
+        int(meta.get("dropped_before", 0)),
+        int(meta.get("time_ns", 0)),
+    )
+
+
+def _int(value) -> int:
+    return -1 if value is None else int(value)
+

@@ -1,0 +1,138 @@
+"""Checks that treat a file as untrusted before anything in it is read.
+
+No pickle anywhere. Refused: unknown format versions, links that are not hard links
+(external or soft), external raw storage, virtual datasets, filters outside the
+allow-list, non-numeric dtypes, shapes whose size exceeds the limit, contiguous data
+that claims more bytes than the file holds, oversized or non-JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import h5py
+import numpy as np
+
+from tensortap.errors import FormatError
+from tensortap.format import schema
+
+# HDF5 filter ids: deflate (gzip), shuffle, fletcher32, lzf.
+ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
+POINT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+NOT_A_DUMP_FIX = "pass a directory or file written by TAP=... or tensortap.configure()"
+
+
+def open_file(path: str) -> h5py.File:
+    """Open read-only and check the root is a tensortap dump of a version this reader knows."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).split("(")[0].strip().rstrip(",") or type(exc).__name__
+        raise FormatError(path, f"not a readable HDF5 file ({reason})", NOT_A_DUMP_FIX) from None
+    try:
+        version = f.attrs.get("tensortap_format")
+        if version is None:
+            raise FormatError(path, "not a tensortap dump (no 'tensortap_format' attribute)", NOT_A_DUMP_FIX)
+        if not isinstance(version, (int, np.integer)) or int(version) not in schema.SUPPORTED_VERSIONS:
+            raise FormatError(
+                path,
+                f"tensortap format version {version!r} is not one this reader knows "
+                f"({', '.join(map(str, schema.SUPPORTED_VERSIONS))})",
+                "upgrade tensortap to read it",
+            )
+        check_links(path, f)
+        return f
+    except FormatError:
+        f.close()
+        raise
+    except Exception as exc:  # h5py raises many types on corrupted structures
+        f.close()
+        raise FormatError(path, f"corrupted HDF5 structure ({type(exc).__name__}: {exc})", NOT_A_DUMP_FIX) from None
+
+
+def check_links(path: str, group: h5py.Group) -> None:
+    """Every member of `group` must be a hard link: nothing outside the file is ever followed."""
+    for name in group:
+        link = group.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise FormatError(
+                path, f"'{group.name.rstrip('/')}/{name}' is {kind}; tensortap dumps hold none, refusing to follow it"
+            )
+
+
+def check_dataset(path: str, dataset: h5py.Dataset, expect_dtype: np.dtype | None = None) -> int:
+    """Refuse datasets that could read outside the file, decompress without bound or lie about size.
+
+    Returns the dataset's declared size in bytes.
+    """
+    where = f"'{dataset.name}'"
+    if dataset.is_virtual:
+        raise FormatError(path, f"{where} is a virtual dataset (maps other files); refusing to read it")
+    plist = dataset.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        raise FormatError(path, f"{where} uses external raw storage (data in another file); refusing to read it")
+    for i in range(plist.get_nfilters()):
+        filter_id = plist.get_filter(i)[0]
+        if filter_id not in ALLOWED_FILTERS:
+            raise FormatError(
+                path, f"{where} uses HDF5 filter {filter_id}; allowed: {', '.join(ALLOWED_FILTERS.values())}"
+            )
+    dtype = dataset.dtype
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        if expect_dtype is None or dtype != expect_dtype:
+            raise FormatError(path, f"{where} has dtype {dtype}, not a numeric tensor")
+    if expect_dtype is not None and dtype != expect_dtype:
+        raise FormatError(path, f"{where} has dtype {dtype}, expected {expect_dtype}")
+    shape = dataset.shape or ()
+    if len(shape) > schema.MAX_NDIM:
+        raise FormatError(path, f"{where} has {len(shape)} dimensions (at most {schema.MAX_NDIM})")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > schema.MAX_RECORD_BYTES:
+        raise FormatError(
+            path, f"{where} declares {human_bytes(nbytes)}, over the {human_bytes(schema.MAX_RECORD_BYTES)} limit of a record"
+        )
+    file_size = os.path.getsize(path)
+    stored = dataset.id.get_storage_size()
+    if plist.get_layout() == h5py.h5d.CONTIGUOUS and plist.get_nfilters() == 0 and nbytes > 0:
+        offset = dataset.id.get_offset()
+        if stored != nbytes or offset is None or offset + nbytes > file_size:
+            raise FormatError(
+                path, f"{where} declares {human_bytes(nbytes)} but the file holds {human_bytes(stored)} of it (truncated?)"
+            )
+    elif stored > file_size:
+        raise FormatError(path, f"{where} claims more stored bytes than the file has")
+    return nbytes
+
+
+def parse_meta(path: str, group: h5py.Group) -> dict:
+    """The record's JSON metadata attribute, bounded in size, as a dict."""
+    raw = group.attrs.get(schema.META_ATTR)
+    if raw is None:
+        raise FormatError(path, f"'{group.name}' has no '{schema.META_ATTR}' attribute")
+    return parse_json(path, raw, f"'{group.name}' metadata")
+
+
+def parse_json(path: str, raw, what: str, kind: type = dict):
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    if not isinstance(raw, str) or len(raw) > schema.MAX_META_CHARS:
+        raise FormatError(path, f"{what} is not a JSON string of bounded size")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise FormatError(path, f"{what} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise FormatError(path, f"{what} is not a JSON {kind.__name__}")
+    return value
+
+
+def human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} B"
