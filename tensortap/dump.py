@@ -26,7 +26,13 @@ from tensortap.format.validate import human_bytes
 _FILTER_KEYS = ("point", "step", "layer", "role", "rank")
 _COLUMNS_FIRST = ["name", "point", "step", "layer", "role", "spec_pos", "rank", "world_size", "tp_rank", "tp_size",
                   "dcp_rank", "dcp_size", "group_dcp_rank", "group_dcp_size", "kv_dcp_size", "head_offset",
-                  "shape", "dtype", "nbytes", "stored", "nonfinite", "absmax", "zeros", "zero_heads", "empty_rows"]
+                  "shape", "dtype", "nbytes", "stored", "nonfinite", "absmax", "zero_heads", "empty_rows"]
+
+
+_INT_COLUMNS = {"step", "layer", "spec_pos", "rank", "world_size", "tp_rank", "tp_size", "dcp_rank", "dcp_size",
+                "group_dcp_rank", "group_dcp_size", "kv_dcp_size", "interleave", "num_heads", "head_offset",
+                "nonfinite", "zero_heads", "empty_rows", "nan", "posinf", "neginf", "block_size",
+                "kv_lora_rank", "rope_dim"}
 
 
 class Record:
@@ -72,8 +78,15 @@ class Record:
         return codecs.to_float(self.raw(), self.dtype)
 
     def stats_array(self) -> np.ndarray | None:
-        """Per-(token, head) norm/zeros for head points, valid-per-row for index points."""
-        return self._dump._reader(self._path).read_stats(self.meta)
+        """Per-(token, head) norm/zeros for head points, valid-per-row for index points.
+
+        Stats mode stores it; full mode derives it from the stored tensor the same way."""
+        stored = self._dump._reader(self._path).read_stats(self.meta)
+        if stored is None and self.stored:
+            from tensortap.capture.stats import stats_array
+
+            return stats_array(self.tensor(), self.point)
+        return stored
 
     def __repr__(self) -> str:
         where = " ".join(f"{k}={self.meta[k]}" for k in ("step", "role", "rank", "spec_pos") if self.meta.get(k) is not None)
@@ -172,6 +185,9 @@ class Dump:
                 row["file"] = os.path.basename(path)
                 rows.append(row)
             frame = pd.DataFrame.from_records(rows)
+            for column in _INT_COLUMNS.intersection(frame.columns):
+                if frame[column].dtype.kind == "f":  # ints with gaps: keep them ints
+                    frame[column] = frame[column].astype("Int64")
             if len(frame):
                 first = [c for c in _COLUMNS_FIRST if c in frame.columns]
                 frame = frame[first + [c for c in frame.columns if c not in first]]

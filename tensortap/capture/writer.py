@@ -142,7 +142,9 @@ class Writer:
                 meta[key[5:]] = tensor.tolist()
         if job.full:
             data = host["data"]
-            scalars, stats_array = capture_stats.host_stats(capture_stats.device_stats(data, job.point), job.shape)
+            stats = capture_stats.device_stats(data, job.point, may_sync=True, zero_counts=False)
+            scalars, _ = capture_stats.host_stats(stats, job.shape)
+            stats_array = None  # derivable from the stored tensor (Record.stats_array)
             array, _ = encode(data)
         else:
             stats = {key[5:]: t for key, t in host.items() if key.startswith("stat:")}

@@ -163,12 +163,17 @@ class SegmentReader:
     def read_stats(self, meta: dict) -> np.ndarray | None:
         """The record's per-head ([T, H] norm/zeros) or per-row ([T] valid count) stats array."""
         try:
-            dataset = self._dataset(meta, schema.STATS_DATASET)
-            if dataset is None:
-                return None
-            expected = schema.HEAD_STATS_DTYPE if dataset.dtype.fields else schema.ROW_STATS_DTYPE
-            validate.check_dataset(self.path, dataset, expected)
-            return dataset[()]
+            group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(int(meta["seq"])))
+            value = validate.read_attr(self.path, group, schema.STATS_DATASET, schema.STATS_ATTR_MAX_BYTES)
+            if value is None:
+                dataset = self._dataset(meta, schema.STATS_DATASET)
+                if dataset is None:
+                    return None
+                validate.check_dataset(self.path, dataset, dataset.dtype if dataset.dtype.fields else None)
+                value = dataset[()]
+            if value.dtype not in (schema.HEAD_STATS_DTYPE, schema.ROW_STATS_DTYPE):
+                raise FormatError(self.path, f"stats of record {meta.get('seq')} have dtype {value.dtype}")
+            return value
         except FormatError:
             raise
         except Exception as exc:

@@ -11,7 +11,8 @@ Inside a segment (HDF5, superblock of the 1.8 format so that a crashed file stil
     /records/{seq:012d}   one group per record
         attrs: meta       JSON: every metadata field of the record (see RECORD_FIELDS)
         <point>           the tensor; bfloat16 and float8 as raw bits with a `dtype` attribute
-        _stats            capture-time stats array (head stats [T, H] or valid-per-row [T])
+        _stats            capture-time stats (head stats [T, H] or valid-per-row [T]): an attribute
+                          up to 32 KiB, a dataset beyond
     /index                compound table of every record (INDEX_DTYPE), written at close:
                           its presence is the commit marker
 """
@@ -41,6 +42,8 @@ LSE_POINTS = ("lse",)
 # Points holding token indices with -1 padding: [T, K].
 INDEX_POINTS = ("topk", "slots")
 
+# Stats arrays up to this size are an attribute of the record's group (cheaper than a dataset).
+STATS_ATTR_MAX_BYTES = 32 << 10
 HEAD_STATS_DTYPE = np.dtype([("norm", "<f4"), ("zeros", "<i4")])
 ROW_STATS_DTYPE = np.dtype("<i4")
 
@@ -62,7 +65,6 @@ INDEX_DTYPE = np.dtype(
         ("stored", "u1"),
         ("nonfinite", "<i8"),
         ("absmax", "<f8"),
-        ("zeros", "<i8"),
         ("zero_heads", "<i4"),
         ("empty_rows", "<i4"),
         ("dropped_before", "<i8"),
@@ -80,7 +82,7 @@ RECORD_FIELDS = (
 )
 
 # Scalar stats every record carries (also columns of the index).
-SCALAR_STATS = ("nonfinite", "absmax", "zeros", "zero_heads", "empty_rows")
+SCALAR_STATS = ("nonfinite", "absmax", "zero_heads", "empty_rows")
 
 
 def segment_name(rank: int, host: str, pid: int, seg: int) -> str:

@@ -34,9 +34,11 @@ def open_file(path: str) -> h5py.File:
         raise FormatError(path, f"not a readable HDF5 file ({reason})", NOT_A_DUMP_FIX) from None
     try:
         version = f.attrs.get("tensortap_format")
+        if isinstance(version, np.generic):
+            version = version.item()
         if version is None:
             raise FormatError(path, "not a tensortap dump (no 'tensortap_format' attribute)", NOT_A_DUMP_FIX)
-        if not isinstance(version, (int, np.integer)) or int(version) not in schema.SUPPORTED_VERSIONS:
+        if not isinstance(version, int) or version not in schema.SUPPORTED_VERSIONS:
             raise FormatError(
                 path,
                 f"tensortap format version {version!r} is not one this reader knows "
@@ -108,9 +110,26 @@ def check_dataset(path: str, dataset: h5py.Dataset, expect_dtype: np.dtype | Non
     return nbytes
 
 
+def read_attr(path: str, obj, name: str, max_bytes: int = schema.MAX_META_CHARS):
+    """An attribute's value, or None when absent; its declared size is checked before it is read."""
+    if name not in obj.attrs:
+        return None
+    attr = obj.attrs.get_id(name)
+    count = math.prod(attr.shape or ())
+    nbytes = count * attr.dtype.itemsize
+    variable_string = h5py.check_string_dtype(attr.dtype) is not None and attr.dtype.kind == "O"
+    if (attr.dtype.kind not in "biufSV" and not (variable_string and count <= 1)) or nbytes > max_bytes:
+        raise FormatError(path, f"attribute '{name}' of '{obj.name}' is not a bounded plain value "
+                                f"({attr.dtype}, {human_bytes(nbytes)})")
+    value = obj.attrs[name]
+    if variable_string and len(value) > max_bytes:
+        raise FormatError(path, f"attribute '{name}' of '{obj.name}' is larger than {human_bytes(max_bytes)}")
+    return value
+
+
 def parse_meta(path: str, group: h5py.Group) -> dict:
     """The record's JSON metadata attribute, bounded in size, as a dict."""
-    raw = group.attrs.get(schema.META_ATTR)
+    raw = read_attr(path, group, schema.META_ATTR)
     if raw is None:
         raise FormatError(path, f"'{group.name}' has no '{schema.META_ATTR}' attribute")
     return parse_json(path, raw, f"'{group.name}' metadata")
