@@ -188,6 +188,67 @@ def _cell(value) -> str:
     return str(value)
 
 
+# -- demo --------------------------------------------------------------------------------------------
+@app.command("demo")
+@_guarded
+def demo_command(
+    out: Optional[Path] = typer.Option(None, help="Dump directory (new or empty) [default: ./tensortap-demo/<bug|fixed>-<time>]."),
+    ranks: int = typer.Option(4, help="Ranks: TP size, and the target's DCP size unless --dcp."),
+    dcp: Optional[int] = typer.Option(None, help="The target's DCP size (a divisor of --ranks) [default: --ranks]."),
+    fixed: bool = typer.Option(False, "--fixed", help="Copy the DCP fields into the draft config (the fix)."),
+    device: str = typer.Option("cpu", help="cpu (gloo ranks) or cuda (one GPU a rank, NCCL)."),
+    steps: int = typer.Option(3, help="Decode steps."),
+    spec_tokens: int = typer.Option(2, help="Draft (MTP) passes per step."),
+    preset: str = typer.Option("glm5", help="Model sizes: glm5 (64 heads, top-k 2048) or tiny."),
+    backend: str = typer.Option("ag_rs", help="DCP combine: ag_rs or a2a."),
+    interleave: int = typer.Option(1, help="cp_kv_cache_interleave_size."),
+):
+    """Reproduce the laundered-consensus bug on a reference DCP sparse-MLA decode, with the tap on.
+
+    The draft layer's parallel config comes from vLLM 0.33.0's create_draft_parallel_config,
+    which drops decode_context_parallel_size: the draft runs DCP 1 against a DCP-sharded cache.
+    """
+    from tensortap.mla.config import PRESETS
+    from tensortap.mla.demo import default_out, run_demo
+    from tensortap.mla.scenario import Scenario
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="--preset")
+    dcp = dcp or ranks
+    if ranks < 1 or dcp < 1 or ranks % dcp or PRESETS[preset].num_heads % ranks:
+        raise typer.BadParameter(f"--ranks {ranks} must split {PRESETS[preset].num_heads} heads and be a multiple "
+                                 f"of --dcp {dcp}", param_hint="--ranks")
+    try:
+        scenario = Scenario(preset=preset, ranks=ranks, dcp=dcp, interleave=interleave, backend=backend, fixed=fixed,
+                            steps=steps, spec_tokens=spec_tokens)
+        scenario.target_parallel()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    target = str(out) if out is not None else default_out(fixed)
+    err.print(f"running {preset} decode on {ranks} {device} ranks (TP{ranks}/DCP{dcp}, "
+              f"draft config {'fixed' if fixed else 'as vLLM 0.33.0 builds it'}), tap -> {target}")
+    run = run_demo(scenario, target, device)
+    _print_demo(run)
+
+
+def _print_demo(run) -> None:
+    import tensortap
+    from tensortap.format.validate import human_bytes
+
+    d = tensortap.open(run.out)
+    out.print(f"captured {len(d)} records, {human_bytes(d.nbytes)}, from {len(d.ranks)} ranks in {run.seconds:.1f} s: "
+              f"{run.out}")
+    for role in d.roles:
+        sub = d.select(point="merged_out", role=role)
+        zero = {}
+        for rec in sub:
+            zero[rec.rank] = max(zero.get(rec.rank, 0), rec.stats.get("zero_heads", 0))
+        heads = {rec.rank: rec.shape[1] for rec in sub}
+        listing = ", ".join(f"rank {r}: {zero[r]}/{heads[r]}" for r in sorted(zero))
+        out.print(f"  {role}: all-zero attention heads after the merge ({listing})")
+    out.print(f"next: tensortap ls {run.out}")
+
+
 def main() -> None:
     app()
 

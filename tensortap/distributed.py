@@ -9,6 +9,7 @@ running after `timeout` seconds are killed. Under torchrun, use `init_from_env()
 
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_module
 import tempfile
@@ -38,7 +39,9 @@ def _rank_entry(fn, rank, world_size, init_file, backend, results, kwargs, env):
             value = fn(rank, world_size, **kwargs)
         finally:
             dist.destroy_process_group()
-        results.put(("ok", rank, value))
+        buffer = io.BytesIO()  # by value: shared-memory tensor handles die with this process
+        torch.save(value, buffer)
+        results.put(("ok", rank, buffer.getvalue()))
     except BaseException:
         results.put(("error", rank, traceback.format_exc()))
 
@@ -71,6 +74,10 @@ def spawn(
     while len(outcomes) < world_size and time.monotonic() < deadline:
         try:
             status, rank, value = results.get(timeout=0.2)
+            if status == "ok":
+                import torch
+
+                value = torch.load(io.BytesIO(value), weights_only=True)
             outcomes[rank] = (status, value)
             if status == "error":
                 deadline = min(deadline, time.monotonic() + 10.0)  # peers may be stuck in a collective

@@ -1,0 +1,150 @@
+"""The decode loop: a target layer and an MTP-style draft layer over DCP-sharded caches.
+
+Per step, every request decodes one token with the target layer; then the draft layer runs
+`spec_tokens` times, each pass fed the RMS-normed hidden state of the pass before (the first
+fed the target's), as recursive MTP does. Both layers' caches and block tables are sharded by
+the process group (the target's DCP size). The draft's parallel config comes from
+`create_draft_parallel_config`, which drops the DCP size unless `fixed`.
+
+    run_on_this_rank(Scenario(preset="glm5"), tap_dir="tap")    # under torchrun
+    spawn(run_rank, 4, kwargs=dict(scenario=..., tap_dir=...))   # in-process ranks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+import tensortap
+from tensortap.mla import sharding
+from tensortap.mla.config import PRESETS, MLAConfig, ParallelConfig, create_draft_parallel_config
+from tensortap.mla.model import DecodeMetadata, MLALayer, ProcessGroups, _randn, rms_norm
+
+DEFAULT_PROMPTS = {"tiny": (37, 50), "glm5": (4100, 3000)}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything that decides a run. Identical on every rank."""
+
+    preset: str = "tiny"
+    ranks: int = 4  # TP size = world size
+    dcp: int = 4  # the target's DCP size: the process-group layout
+    interleave: int = 1
+    backend: str = "ag_rs"
+    fixed: bool = False
+    steps: int = 3
+    spec_tokens: int = 2
+    prompt_lens: tuple[int, ...] | None = None
+    seed: int = 0
+    target_layer: int = 77
+    draft_layer: int = 78
+    dtype: str = "float32"
+
+    @property
+    def cfg(self) -> MLAConfig:
+        return PRESETS[self.preset]
+
+    @property
+    def prompts(self) -> tuple[int, ...]:
+        return tuple(self.prompt_lens) if self.prompt_lens else DEFAULT_PROMPTS.get(self.preset, (37, 50))
+
+    @property
+    def max_len(self) -> int:
+        return max(self.prompts) + self.steps + self.spec_tokens
+
+    def target_parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.ranks, self.dcp, self.interleave, self.backend)
+
+    def draft_parallel(self) -> ParallelConfig:
+        return create_draft_parallel_config(self.target_parallel(), self.ranks, fixed=self.fixed)
+
+
+def allocate_block_table(scn: Scenario, dcp_size: int, rank: int) -> tuple[torch.Tensor, int]:
+    """This rank's block table [R, nb] (shuffled physical blocks, so addressing errors show) and its block count."""
+    block_size = scn.cfg.block_size
+    width = math.ceil(scn.max_len / (block_size * dcp_size))  # virtual blocks of bs*N tokens
+    requests = len(scn.prompts)
+    num_blocks = requests * width
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(scn.seed * 7919 + rank))
+    return order.view(requests, width).to(torch.int32), num_blocks
+
+
+def prompt_entries(cfg: MLAConfig, seed: int, layer: int, request: int, length: int):
+    """The cache entries a prefill left for one request: latent [L, 512], rope [L, 64], index keys [L, d]."""
+    base = 5_000_011 * (seed + 1) + 7_919 * layer + request
+    latent = rms_norm(_randn(base, length, cfg.kv_lora_rank, scale=1.0))  # [L, 512]
+    rope = _randn(base + 1, length, cfg.rope_dim, scale=1.0)  # [L, 64]
+    keys = _randn(base + 2, length, cfg.index_dim, scale=1.0)  # [L, d]
+    return latent, rope, keys
+
+
+def step_hidden(scn: Scenario, step: int) -> torch.Tensor:
+    """The hidden state entering the target layer at a step: [R, C], the same on every rank."""
+    return _randn(scn.seed * 104_729 + step, len(scn.prompts), scn.cfg.hidden_size, scale=1.0)
+
+
+def prefill(layer: MLALayer, scn: Scenario, block_table: torch.Tensor, groups: ProcessGroups, device) -> None:
+    """Write every prompt token this rank owns into the layer's caches (sharded by the process group)."""
+    for request, length in enumerate(scn.prompts):
+        latent, rope, keys = prompt_entries(scn.cfg, scn.seed, layer.layer, request, length)
+        positions = torch.arange(length)  # [L]
+        req_ids = torch.full((length,), request)  # [L]
+        slots = sharding.slot_mapping(positions, req_ids, block_table, scn.cfg.block_size, groups.dcp_size,
+                                      groups.dcp_rank, scn.interleave)  # [L]
+        layer.write_cache(slots.to(device), latent.to(device), rope.to(device), keys.to(device))
+
+
+def run_decode(scn: Scenario, groups: ProcessGroups, device="cpu", collect: bool = False) -> list[dict]:
+    """Run the decode loop on this rank; with `collect`, return each forward's inputs and outputs."""
+    dtype = getattr(torch, scn.dtype)
+    block_table, num_blocks = allocate_block_table(scn, groups.dcp_size, groups.tp_rank)
+    block_table = block_table.to(device)
+    target = MLALayer(scn.cfg, scn.target_layer, "target", scn.target_parallel(), groups, num_blocks, scn.seed, dtype, device)
+    draft = MLALayer(scn.cfg, scn.draft_layer, "draft", scn.draft_parallel(), groups, num_blocks, scn.seed, dtype, device)
+    for layer in (target, draft):
+        prefill(layer, scn, block_table, groups, device)
+    trace = []
+    prompts = torch.tensor(scn.prompts, device=device)  # [R]
+    for step in range(scn.steps):
+        positions = prompts + step  # [R]
+        forwards = [("target", target, None, positions)]
+        forwards += [("draft", draft, j, positions + j) for j in range(scn.spec_tokens)]
+        hidden_in = step_hidden(scn, step).to(device=device, dtype=dtype)  # [R, C]
+        for role, layer, spec_pos, pos in forwards:
+            meta = DecodeMetadata.build(pos, block_table, scn.cfg.block_size, groups.dcp_size, groups.dcp_rank,
+                                        scn.interleave)
+            record = dict(role=role, step=step, spec_pos=spec_pos, positions=pos.cpu(), hidden_in=hidden_in.cpu())
+            with tensortap.scope(step=step, spec_pos=spec_pos):
+                hidden = layer.forward(hidden_in, meta, record if collect else None)  # [R, C]
+            if collect:
+                trace.append(dict(record, hidden=hidden.cpu()))
+            hidden_in = rms_norm(hidden)  # recursive MTP: the next draft pass starts from this one
+    return trace
+
+
+def run_on_this_rank(scn: Scenario, tap_dir: str | None = None, device=None, collect: bool = False) -> list[dict]:
+    """One rank's run under an initialised process group (torchrun, or `run_rank` below)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() != scn.ranks:
+        scn = dataclasses.replace(scn, ranks=dist.get_world_size())
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+    groups = ProcessGroups.build(scn.dcp)
+    if tap_dir is not None:
+        tensortap.configure(dir=tap_dir)
+    try:
+        return run_decode(scn, groups, device, collect)
+    finally:
+        if tap_dir is not None:
+            tensortap.close()
+
+
+def run_rank(rank: int, world_size: int, scenario: dict, tap_dir: str | None = None, collect: bool = False):
+    """Entry point for tensortap.distributed.spawn (the scenario travels as a dict)."""
+    scn = Scenario(**scenario)
+    return run_on_this_rank(scn, tap_dir, collect=collect)
