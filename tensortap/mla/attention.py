@@ -34,9 +34,10 @@ def attend(q: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor, softmax_scale
 
 
 def sparse_mla_decode(q: torch.Tensor, cache: KVCache, slots: torch.Tensor, softmax_scale: float):
-    """Gather the selected slots from the fp8_ds_mla cache and attend: (out [T, H, 512], lse [T, H])."""
+    """Gather the selected slots from the fp8_ds_mla cache and attend: (out [T, H, 512] in q's dtype, lse [T, H] fp32)."""
     kv = cache.gather(slots)  # [T, K, 576], dequantised
-    return attend(q, kv, slots >= 0, softmax_scale)
+    out, lse = attend(q, kv, slots >= 0, softmax_scale)
+    return out.to(q.dtype), lse
 
 
 def neutralise_lonely_rows(out: torch.Tensor, lse: torch.Tensor, slots: torch.Tensor):

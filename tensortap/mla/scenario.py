@@ -98,24 +98,32 @@ def prefill(layer: MLALayer, scn: Scenario, block_table: torch.Tensor, groups: P
         layer.write_cache(slots.to(device), latent.to(device), rope.to(device), keys.to(device))
 
 
-def run_decode(scn: Scenario, groups: ProcessGroups, device="cpu", collect: bool = False) -> list[dict]:
-    """Run the decode loop on this rank; with `collect`, return each forward's inputs and outputs."""
-    dtype = getattr(torch, scn.dtype)
-    block_table, num_blocks = allocate_block_table(scn, groups.dcp_size, groups.tp_rank)
-    block_table = block_table.to(device)
-    target = MLALayer(scn.cfg, scn.target_layer, "target", scn.target_parallel(), groups, num_blocks, scn.seed, dtype, device)
-    draft = MLALayer(scn.cfg, scn.draft_layer, "draft", scn.draft_parallel(), groups, num_blocks, scn.seed, dtype, device)
-    for layer in (target, draft):
-        prefill(layer, scn, block_table, groups, device)
-    trace = []
-    prompts = torch.tensor(scn.prompts, device=device)  # [R]
-    for step in range(scn.steps):
-        positions = prompts + step  # [R]
-        forwards = [("target", target, None, positions)]
-        forwards += [("draft", draft, j, positions + j) for j in range(scn.spec_tokens)]
-        hidden_in = step_hidden(scn, step).to(device=device, dtype=dtype)  # [R, C]
+class DecodeRunner:
+    """This rank's layers, caches and block table after prefill; `step(s)` decodes step s."""
+
+    def __init__(self, scn: Scenario, groups: ProcessGroups, device="cpu"):
+        self.scn, self.groups, self.device = scn, groups, device
+        self.dtype = getattr(torch, scn.dtype)
+        table, num_blocks = allocate_block_table(scn, groups.dcp_size, groups.tp_rank)
+        self.block_table = table.to(device)  # [R, nb]
+        self.target = MLALayer(scn.cfg, scn.target_layer, "target", scn.target_parallel(), groups, num_blocks,
+                               scn.seed, self.dtype, device)
+        self.draft = MLALayer(scn.cfg, scn.draft_layer, "draft", scn.draft_parallel(), groups, num_blocks,
+                              scn.seed, self.dtype, device)
+        for layer in (self.target, self.draft):
+            prefill(layer, scn, self.block_table, groups, device)
+        self.prompts = torch.tensor(scn.prompts, device=device)  # [R]
+
+    def step(self, step: int, collect: bool = False) -> list[dict]:
+        """The target pass, then `spec_tokens` recursive draft passes; with `collect`, each pass's tensors."""
+        scn, groups = self.scn, self.groups
+        positions = self.prompts + step  # [R]
+        forwards = [("target", self.target, None, positions)]
+        forwards += [("draft", self.draft, j, positions + j) for j in range(scn.spec_tokens)]
+        hidden_in = step_hidden(scn, step).to(device=self.device, dtype=self.dtype)  # [R, C]
+        trace = []
         for role, layer, spec_pos, pos in forwards:
-            meta = DecodeMetadata.build(pos, block_table, scn.cfg.block_size, groups.dcp_size, groups.dcp_rank,
+            meta = DecodeMetadata.build(pos, self.block_table, scn.cfg.block_size, groups.dcp_size, groups.dcp_rank,
                                         scn.interleave)
             record = dict(role=role, step=step, spec_pos=spec_pos, positions=pos.cpu(), hidden_in=hidden_in.cpu())
             with tensortap.scope(step=step, spec_pos=spec_pos):
@@ -123,7 +131,13 @@ def run_decode(scn: Scenario, groups: ProcessGroups, device="cpu", collect: bool
             if collect:
                 trace.append(dict(record, hidden=hidden.cpu()))
             hidden_in = rms_norm(hidden)  # recursive MTP: the next draft pass starts from this one
-    return trace
+        return trace
+
+
+def run_decode(scn: Scenario, groups: ProcessGroups, device="cpu", collect: bool = False) -> list[dict]:
+    """Run every step on this rank; with `collect`, return each forward's inputs and outputs."""
+    runner = DecodeRunner(scn, groups, device)
+    return [record for step in range(scn.steps) for record in runner.step(step, collect)]
 
 
 def run_on_this_rank(scn: Scenario, tap_dir: str | None = None, device=None, collect: bool = False) -> list[dict]:
