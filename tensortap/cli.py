@@ -188,6 +188,43 @@ def _cell(value) -> str:
     return str(value)
 
 
+# -- check -------------------------------------------------------------------------------------------
+@app.command("check")
+@_guarded
+def check_command(
+    dumps: List[Path] = typer.Argument(..., help="Dump directories or segment files (one run)."),
+    as_json: bool = typer.Option(False, "--json", help="Every finding and verdict as JSON on stdout."),
+    oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Recompute attention in float64 from the dump."),
+):
+    """Find pre-all-reduce rank divergence and name the laundered-consensus bug.
+
+    Exit code 0 when clean, 1 with findings, 2 on errors.
+    """
+    from tensortap.analysis import check
+    from tensortap.analysis.render import render
+
+    d = _open(dumps)
+    report = check(d, use_oracle=oracle, progress=_progress("checking"))
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        render(report, out)
+    raise typer.Exit(report.exit_code)
+
+
+def _progress(label: str):
+    """A progress bar over forwards on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def wrap(items):
+        from rich.progress import track
+
+        return track(items, description=label, console=err, transient=True)
+
+    return wrap
+
+
 # -- demo --------------------------------------------------------------------------------------------
 @app.command("demo")
 @_guarded
@@ -246,7 +283,15 @@ def _print_demo(run) -> None:
         heads = {rec.rank: rec.shape[1] for rec in sub}
         listing = ", ".join(f"rank {r}: {zero[r]}/{heads[r]}" for r in sorted(zero))
         out.print(f"  {role}: all-zero attention heads after the merge ({listing})")
-    out.print(f"next: tensortap ls {run.out}")
+    from tensortap.analysis import check
+
+    report = check(d)
+    if report.verdicts:
+        for verdict in report.verdicts:
+            out.print(f"[bold red]{verdict.name.upper()}[/bold red] {verdict.explanation}")
+    else:
+        out.print(f"check: {'clean' if report.clean else f'{len(report.findings)} findings'}")
+    out.print(f"next: tensortap check {run.out}")
 
 
 def main() -> None:

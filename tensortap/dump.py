@@ -246,6 +246,15 @@ class Dump:
         sub = Dump([self._metas[i] for i in keep], [self._paths[i] for i in keep], self.segments, self._pool)
         return sub
 
+    def group_by(self, *keys: str) -> dict[tuple, "Dump"]:
+        """One pass: {(value of each key): sub-dump}, in order of first appearance."""
+        buckets: dict[tuple, tuple[list, list]] = {}
+        for meta, path in zip(self._metas, self._paths):
+            bucket = buckets.setdefault(tuple(meta.get(k) for k in keys), ([], []))
+            bucket[0].append(meta)
+            bucket[1].append(path)
+        return {key: Dump(metas, paths, self.segments, self._pool) for key, (metas, paths) in buckets.items()}
+
     def _resolve_layers(self, layer):
         if layer is None:
             return None

@@ -1,0 +1,136 @@
+"""The oracle: sparse MLA attention recomputed in float64 from what the dump holds.
+
+For each DCP group of a forward: the selected global token ids (`topk`), the owner of each
+id under the cache's sharding (kv_dcp_size, interleave), its slot on the owner (that rank's
+`block_table`), the raw `fp8_ds_mla` bytes of that slot (that rank's `kv_pages`, by
+`page_ids`), dequantised here; then for every head a query covers,
+
+    out[t, h] = sum_k softmax_k(scale * q[t, h] . kv[t, k]) * kv[t, k, :512]
+
+compared with the `merged_out` of the rank that owns head h. Does not import tensortap.mla.
+fp8_ds_mla token: [0, 512) e4m3 latent, [512, 528) 4 float32 tile scales, [528, 656) bf16 rope.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tensortap.analysis import layout
+from tensortap.analysis.findings import Finding
+from tensortap.analysis.forward import Forward
+from tensortap.dump import span
+from tensortap.format.codecs import FP8_VALUES, to_float
+from tensortap.tolerances import tolerance
+
+LATENT, SCALES_END, TOKEN_BYTES, TILE = 512, 528, 656, 128
+
+
+def dequantize(rows: np.ndarray) -> np.ndarray:
+    """fp8_ds_mla rows [..., 656] uint8 -> [..., 576] float64: latent * tile scale, then rope."""
+    lead = rows.shape[:-1]
+    flat = rows.reshape(-1, TOKEN_BYTES)  # [N, 656]
+    latent = FP8_VALUES["float8_e4m3fn"][flat[:, :LATENT]]  # [N, 512]
+    scales = np.ascontiguousarray(flat[:, LATENT:SCALES_END]).view("<f4").astype(np.float64)  # [N, 4]
+    latent = (latent.reshape(-1, LATENT // TILE, TILE) * scales[..., None]).reshape(-1, LATENT)  # [N, 512]
+    rope = to_float(np.ascontiguousarray(flat[:, SCALES_END:]).view("<u2"), "bfloat16")  # [N, 64]
+    return np.concatenate([latent, rope], axis=-1).reshape(*lead, -1)  # [..., 576]
+
+
+def attention(q: np.ndarray, kv: np.ndarray, valid: np.ndarray, scale: float) -> np.ndarray:
+    """q [T, H, 576], kv [T, K, 576], valid [T, K] -> out [T, H, 512] float64 (0 for a row with nothing valid)."""
+    scores = np.matmul(q, kv.transpose(0, 2, 1)) * scale  # [T, H, K]
+    scores = np.where(valid[:, None, :], scores, -np.inf)  # [T, H, K]
+    top = scores.max(axis=-1, keepdims=True)  # [T, H, 1]
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.exp(scores - top)  # [T, H, K]
+    total = weights.sum(axis=-1, keepdims=True)  # [T, H, 1]
+    probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)  # [T, H, K]
+    return np.matmul(probs, kv[..., :LATENT])  # [T, H, 512]
+
+
+class Incomplete(Exception):
+    """The dump lacks something the recompute needs (a page, a point); the reason is the message."""
+
+
+def _gather_kv(fw: Forward, group: list[int], topk: np.ndarray, requests: np.ndarray) -> np.ndarray:
+    """Dequantised KV [T, K, 576] of the selected tokens, read from their owners' dumped pages."""
+    kv = np.zeros(topk.shape + (LATENT + 64,), dtype=np.float64)  # [T, K, 576]
+    for rank in group:
+        meta = fw.meta(rank)
+        table, pages, rec = fw.array("block_table", rank), fw.array("kv_pages", rank, exact=True), fw.record("kv_pages", rank)
+        if table is None or pages is None:
+            raise Incomplete(f"rank {rank} has no block_table or kv_pages")
+        block_size = int(meta["block_size"])
+        slots = layout.owned_slots(topk, requests, table, block_size, int(meta.get("kv_dcp_size") or 1),
+                                   int(meta.get("group_dcp_rank") or 0), int(meta.get("interleave") or 1))  # [T, K]
+        here = slots >= 0
+        page_ids = np.asarray(rec.meta.get("page_ids", []), dtype=np.int64)  # [P]
+        order = np.argsort(page_ids)
+        wanted = slots[here] // block_size  # [M]
+        at = np.searchsorted(page_ids[order], wanted)  # [M]
+        found = (at < len(page_ids)) & (page_ids[order][np.minimum(at, len(page_ids) - 1)] == wanted)
+        if not found.all():
+            raise Incomplete(f"rank {rank} did not dump page {int(wanted[~found][0])}")
+        kv[here] = dequantize(pages[order[at], slots[here] % block_size])  # [M, 576]
+    return kv
+
+
+def _queries(fw: Forward, group: list[int]) -> dict[int, np.ndarray]:
+    """Global head -> its query [T, 576], from whichever rank of the group attended it."""
+    heads: dict[int, np.ndarray] = {}
+    for rank in group:
+        q, rec = fw.array("q", rank), fw.record("q", rank)
+        if q is None:
+            continue
+        offset = int(rec.meta.get("head_offset") or 0)
+        for h in range(q.shape[1]):
+            heads.setdefault(offset + h, q[:, h])
+    return heads
+
+
+def oracle_mismatch(fw: Forward, notes: list[str] | None = None) -> list[Finding]:
+    findings = []
+    for group in fw.dcp_groups():
+        try:
+            findings.extend(_check_group(fw, group))
+        except Incomplete as why:
+            if notes is not None:
+                notes.append(f"oracle skipped for {fw.role} layer {fw.layer} step {fw.step}: {why}")
+    return findings
+
+
+def _check_group(fw: Forward, group: list[int]) -> list[Finding]:
+    topk = fw.array("topk", group[0])
+    if topk is None:
+        raise Incomplete("no topk")
+    meta = fw.meta(group[0])
+    requests = layout.rows_to_requests(meta, topk.shape[0])
+    if requests is None:
+        raise Incomplete("cannot map query rows to requests (no req_ids)")
+    kv = _gather_kv(fw, group, topk, requests)  # [T, K, 576]
+    queries = _queries(fw, group)
+    scale = float(meta["softmax_scale"])
+    bad_ranks, bad_heads, worst, total = [], [], 0.0, 0
+    for rank in group:
+        rec, actual = fw.record("merged_out", rank), fw.array("merged_out", rank)
+        if rec is None or actual is None:
+            continue
+        offset = int(rec.meta.get("head_offset") or 0)
+        heads = [offset + h for h in range(actual.shape[1])]
+        if any(h not in queries for h in heads):
+            raise Incomplete(f"no query for some heads of rank {rank}")
+        q = np.stack([queries[h] for h in heads], axis=1)  # [T, H_tp, 576]
+        expected = attention(q, kv, topk >= 0, scale)  # [T, H_tp, 512]
+        bad = tolerance(rec.dtype).excess(actual, expected) > 0  # [T, H_tp, 512]
+        if bad.any():
+            bad_ranks.append(rank)
+            bad_heads += [heads[h] for h in np.flatnonzero(bad.any(axis=(0, 2)))]
+            worst = max(worst, float(np.nanmax(np.abs(actual - expected))))
+            total = int(rec.meta.get("num_heads") or 0) or total
+    if not bad_ranks:
+        return []
+    of = f"/{total}" if total else ""
+    return [Finding("oracle-mismatch", "error",
+                    f"ranks {span(bad_ranks)}: heads {span(sorted(bad_heads))} ({len(bad_heads)}{of}) differ from a "
+                    f"float64 recompute from the dumped q, KV pages and indices (max abs error {worst:.3g})",
+                    ranks=bad_ranks, heads=sorted(bad_heads), evidence={"max_abs_error": worst}, **fw.where())]

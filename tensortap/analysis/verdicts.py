@@ -1,0 +1,91 @@
+"""Verdicts: what the findings of one (layer, role) add up to.
+
+laundered consensus: pre-all-reduce evidence is anomalous, yet the hidden state after the
+    row-parallel o_proj all-reduce is bit-identical on every rank, so every cross-rank check
+    after it passes.
+divergent ranks: the same evidence, and the ranks disagree after the all-reduce too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tensortap.analysis.findings import Finding, Verdict
+from tensortap.dump import span
+
+PRE_ALL_REDUCE = ("zero-heads", "empty-topk", "topk-out-of-shard", "lse-nonfinite", "merge-mismatch", "no-merge",
+                  "query-divergence", "rank-outlier", "oracle-mismatch", "nonfinite")
+
+
+@dataclass
+class Agreement:
+    """Per (layer, role): the steps with pre-all-reduce anomalies, and whether hidden agreed across ranks there."""
+
+    anomalous_steps: set = field(default_factory=set)
+    agreeing_steps: set = field(default_factory=set)
+    ranks_compared: int = 0
+    ranks_agreeing: int = 0
+
+    def note(self, step, found: list[Finding], agreement: tuple[int, int] | None) -> None:
+        if not any(f.code in PRE_ALL_REDUCE and f.severity == "error" for f in found):
+            return
+        self.anomalous_steps.add(step)
+        if agreement is not None and agreement[0] == agreement[1]:
+            self.agreeing_steps.add(step)
+            self.ranks_agreeing, self.ranks_compared = agreement
+
+
+def build(findings: list[Finding], agreements: dict[tuple, Agreement]) -> list[Verdict]:
+    by_place: dict[tuple, list[Finding]] = defaultdict(list)
+    for f in findings:
+        by_place[(f.layer, f.role)].append(f)
+    verdicts = []
+    for (layer, role), agreement in agreements.items():
+        if not agreement.anomalous_steps:
+            continue
+        found = by_place[(layer, role)]
+        laundered = agreement.agreeing_steps == agreement.anomalous_steps
+        steps = sorted(agreement.anomalous_steps, key=_step_key)
+        what = _what_went_wrong(found, steps)
+        if laundered:
+            after = (f"the o_proj all-reduce makes hidden bit-identical on {agreement.ranks_agreeing}/"
+                     f"{agreement.ranks_compared} ranks")
+        else:
+            after = "the ranks' hidden states disagree after the all-reduce too (visible to cross-rank checks)"
+        cause = _cause(found)
+        explanation = f"{role} layer {layer}: {what}; {after}" + (f"; cause: {cause}" if cause else "")
+        verdicts.append(Verdict("laundered consensus" if laundered else "divergent ranks", layer, role, explanation,
+                                sorted({f.code for f in found}), [s for s in steps if s is not None]))
+    return verdicts
+
+
+def _step_key(step):
+    return (step is None, step if step is not None else 0)
+
+
+def _what_went_wrong(found: list[Finding], steps: list) -> str:
+    at = f" at steps {span([s for s in steps if s is not None])}" if any(s is not None for s in steps) else ""
+    zero = [f for f in found if f.code == "zero-heads"]
+    if zero:
+        ranks = sorted({r for f in zero for r in f.ranks})
+        heads = sorted({h for f in zero for h in f.heads})
+        total = max((f.evidence.get("num_heads") or 0) for f in zero)
+        of = f"/{total}" if total else ""
+        return f"ranks {span(ranks)} emit all-zero attention for heads {span(heads)} ({len(heads)}{of}){at}"
+    for code in PRE_ALL_REDUCE:
+        first = next((f for f in found if f.code == code and f.severity == "error"), None)
+        if first is not None:
+            return f"{code}: {first.message}{at}"
+    return f"anomalies{at}"
+
+
+def _cause(found: list[Finding]) -> str:
+    config = next((f for f in found if f.code == "config-mismatch"), None)
+    if config is None:
+        return ""
+    ev = config.evidence
+    cause = f"the layer believes dcp_size={ev.get('dcp_size')}, its process group has {ev.get('group_dcp_size')}"
+    if ev.get("kv_dcp_size") not in (None, ev.get("group_dcp_size")):
+        cause += f" and the cache writer {ev.get('kv_dcp_size')}"
+    return cause
