@@ -1,0 +1,46 @@
+"""Targeted corruption of a dump, in place: rewrite one record's tensor (and its capture stats) or metadata."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import torch
+
+import tensortap
+from tensortap.capture import stats as capture_stats
+from tensortap.format import schema
+from tensortap.format.codecs import encode
+
+
+def _rewrite_meta(f: h5py.File, seq: int, meta: dict) -> None:
+    text = json.dumps(meta)
+    f[schema.RECORDS_GROUP][schema.record_group_name(seq)].attrs[schema.META_ATTR] = text
+    index = f[schema.INDEX_DATASET + "_meta"]
+    entries = list(index.asstr()[()])
+    position = next(i for i, e in enumerate(entries) if json.loads(e)["seq"] == seq)
+    index[position] = text
+
+
+def rewrite_tensor(directory: str, point: str, change, **select) -> torch.Tensor:
+    """Apply `change(tensor) -> tensor` to the one record matching; the stats follow as capture would compute them."""
+    with tensortap.open(directory) as dump:
+        rec = dump.record(point, **select)
+        new = change(rec.tensor().clone())
+    scalars, _ = capture_stats.host_stats(capture_stats.device_stats(new, point, may_sync=True, zero_counts=False),
+                                          tuple(new.shape))
+    with h5py.File(rec.path, "r+") as f:
+        group = f[schema.RECORDS_GROUP][schema.record_group_name(rec.meta["seq"])]
+        group[point][...] = encode(new.contiguous())[0]
+        _rewrite_meta(f, rec.meta["seq"], dict(rec.meta, stats=scalars))
+    return new
+
+
+def rewrite_meta(directory: str, update: dict, **select) -> int:
+    """Update the metadata of every record matching `select`; returns how many."""
+    with tensortap.open(directory) as dump:
+        records = list(dump.iter(**select))
+    for rec in records:
+        with h5py.File(rec.path, "r+") as f:
+            _rewrite_meta(f, rec.meta["seq"], dict(rec.meta, **update))
+    return len(records)
