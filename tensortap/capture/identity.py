@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -13,12 +14,15 @@ def discover_rank() -> tuple[int, int, bool]:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), True
+    return _environment_rank() + (False,)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment_rank() -> tuple[int, int]:
     try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        rank, world = 0, 1
-    return rank, world, False
+        return 0, 1
 
 
 def run_identity(rank: int, world_size: int) -> dict:

@@ -19,7 +19,6 @@ from contextvars import ContextVar
 
 import torch
 
-from tensortap.capture import stats as capture_stats
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Stager, capturing_cuda_graph
 from tensortap.capture.writer import Counters, Job, Writer
@@ -79,7 +78,7 @@ class Tap:
             self._warn_once("graph", "tensortap: tap points inside CUDA-graph capture are skipped (%s); "
                             "run the tapped steps eagerly", name)
             return
-        nbytes = tensor.numel() * tensor.element_size() if self.full else 0
+        nbytes = tensor.numel() * tensor.element_size() if self.full else 0  # what reaches the disk
         if self._over_budget(nbytes):
             return
         staged = self._stage(tensor, point, merged)
@@ -92,18 +91,16 @@ class Tap:
         self._writer(rank, world_size).submit(job)
 
     def _stage(self, tensor: torch.Tensor, point: str, merged: dict):
-        if self.full:
-            tensors, fresh = {"data": tensor}, frozenset()
-        else:
-            tensors = {"stat:" + k: v for k, v in capture_stats.device_stats(tensor, point).items()}
-            fresh = frozenset(tensors)
+        """Snapshot the tensor (stats mode too: its stats are computed from the host copy, off the
+        caller's thread: one copy costs the caller less than a dozen small reductions)."""
+        tensors = {"data": tensor}
         for key in [k for k, v in merged.items() if isinstance(v, torch.Tensor)]:
             value = merged.pop(key)
             if value.device == tensor.device and value.is_cuda:
                 tensors["meta:" + key] = value
             else:
                 merged[key] = value.tolist()  # small host metadata (seq_lens, page_ids)
-        return self.stager.stage(tensors, fresh)
+        return self.stager.stage(tensors)
 
     def _over_budget(self, nbytes: int) -> bool:
         limit = self.config.max_bytes
@@ -270,6 +267,9 @@ def _from_environment() -> None:
 def _after_fork_in_child() -> None:
     """A forked child gets its own tap (and later its own writer and files), never the parent's thread."""
     global _tap
+    from tensortap.capture.identity import _environment_rank
+
+    _environment_rank.cache_clear()
     if _tap is not None:
         _tap = Tap(_tap.config)
 

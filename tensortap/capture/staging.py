@@ -40,18 +40,16 @@ class Stager:
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
 
-    def stage(self, tensors: dict[str, torch.Tensor], fresh: frozenset[str] = frozenset()) -> Staged:
-        """Snapshot `tensors` (all on one device). Names in `fresh` were just computed and need no clone."""
+    def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
+        """Snapshot `tensors` (all on one device)."""
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         if device.type != "cuda":
-            host = {k: (t if k in fresh else t.detach().clone(memory_format=torch.contiguous_format))
-                    for k, t in tensors.items()}
-            return Staged(host)
-        return self._stage_cuda(tensors, fresh, device)
+            return Staged({k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()})
+        return self._stage_cuda(tensors, device)
 
-    def _stage_cuda(self, tensors, fresh, device) -> Staged:
+    def _stage_cuda(self, tensors, device) -> Staged:
         current = torch.cuda.current_stream(device)
-        snaps = {k: (t.detach() if k in fresh else t.detach().clone(memory_format=torch.contiguous_format))
+        snaps = {k: t.detach().clone(memory_format=torch.contiguous_format)
                  for k, t in tensors.items()}  # device-to-device, on the caller's stream
         side = self._side_stream(device)
         side.wait_stream(current)

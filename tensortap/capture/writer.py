@@ -30,7 +30,7 @@ class Job:
 
     seq: int
     meta: dict  # JSON-able metadata
-    staged: Staged  # "data" (full mode), "stat:*" (stats mode), "meta:*" (tensor-valued metadata)
+    staged: Staged  # "data" (the snapshot), "meta:*" (tensor-valued metadata)
     dtype: str
     shape: tuple[int, ...]
     point: str
@@ -130,7 +130,7 @@ class Writer:
             try:
                 self.segments.write(self._record(item))
                 self.counters.records += 1
-                self.counters.bytes += item.staged.nbytes if item.full else 0
+                self.counters.bytes += item.staged.tensors["data"].nbytes if item.full else 0
             except Exception as exc:  # disk full, permission, h5py errors: stop, never raise
                 self._fail(exc)
 
@@ -140,16 +140,13 @@ class Writer:
         for key, tensor in host.items():
             if key.startswith("meta:"):
                 meta[key[5:]] = tensor.tolist()
+        data = host["data"]
+        # Full mode stores the tensor (its per-head stats are derivable: Record.stats_array); stats mode stores them.
+        stats = capture_stats.device_stats(data, job.point, may_sync=True, zero_counts=not job.full)
+        scalars, stats_array = capture_stats.host_stats(stats, job.shape)
+        array = encode(data)[0] if job.full else None
         if job.full:
-            data = host["data"]
-            stats = capture_stats.device_stats(data, job.point, may_sync=True, zero_counts=False)
-            scalars, _ = capture_stats.host_stats(stats, job.shape)
-            stats_array = None  # derivable from the stored tensor (Record.stats_array)
-            array, _ = encode(data)
-        else:
-            stats = {key[5:]: t for key, t in host.items() if key.startswith("stat:")}
-            scalars, stats_array = capture_stats.host_stats(stats, job.shape)
-            array = None
+            stats_array = None
         meta["stats"] = scalars
         meta["stored"] = job.full
         return PendingRecord(job.seq, meta, array, job.dtype, job.shape, scalars, stats_array)

@@ -63,6 +63,8 @@ class DecodeMetadata:
     block_table: torch.Tensor  # [R, nb] int32
     slot_mapping: torch.Tensor  # [T], -1 where another rank owns the token
     local_seq_lens: torch.Tensor  # [R]
+    seq_lens_cpu: list[int]  # host copies: the tap's metadata costs no device sync
+    local_seq_lens_cpu: list[int]
     dcp_size: int
     dcp_rank: int
     interleave: int
@@ -71,11 +73,15 @@ class DecodeMetadata:
     @classmethod
     def build(cls, positions: torch.Tensor, block_table: torch.Tensor, block_size: int, dcp_size: int,
               dcp_rank: int, interleave: int) -> "DecodeMetadata":
-        req_ids = torch.arange(positions.shape[0], device=positions.device)  # [T]
-        seq_lens = positions + 1  # [R]
+        """From host positions [T] (one decode token per request); device tensors on the block table's device."""
+        device = block_table.device
+        seq_lens_cpu = positions.cpu() + 1  # [R]
+        local_cpu = sharding.local_seq_lens(seq_lens_cpu, dcp_size, dcp_rank, interleave)  # [R]
+        positions = positions.to(device)
+        req_ids = torch.arange(positions.shape[0], device=device)  # [T]
         slots = sharding.slot_mapping(positions, req_ids, block_table, block_size, dcp_size, dcp_rank, interleave)
-        local = sharding.local_seq_lens(seq_lens, dcp_size, dcp_rank, interleave)  # [R]
-        return cls(positions, req_ids, seq_lens, block_table, slots, local, dcp_size, dcp_rank, interleave, block_size)
+        return cls(positions, req_ids, seq_lens_cpu.to(device), block_table, slots, local_cpu.to(device),
+                   seq_lens_cpu.tolist(), local_cpu.tolist(), dcp_size, dcp_rank, interleave, block_size)
 
 
 @dataclass
@@ -139,7 +145,11 @@ def absorbed_query(hidden: torch.Tensor, w: LayerWeights, cfg: MLAConfig) -> tor
 
 
 class MLALayer:
-    """One decode attention layer on one TP rank."""
+    """One decode attention layer on one TP rank.
+
+    `kv_pages` taps every page of the batch's requests (a fixed-size gather, no host sync): a
+    superset of the pages the consumed slots touch, and enough for an oracle to recompute the
+    right answer even when the layer addresses the cache wrongly."""
 
     def __init__(self, cfg: MLAConfig, layer: int, role: str, parallel: ParallelConfig, groups: ProcessGroups,
                  num_blocks: int, seed: int = 0, dtype=torch.float32, device="cpu"):
@@ -190,7 +200,7 @@ class MLALayer:
         tensortap.point(name + "topk", topk)
         tensortap.point(name + "slots", slots)
         if tensortap.wants(name + "kv_pages"):
-            pages = self._pages_for_oracle(topk, slots, meta)  # [P]
+            pages = meta.block_table[meta.req_ids].reshape(-1)  # [R*nb]: every page of this batch's requests
             tensortap.point(name + "kv_pages", self.cache.pages(pages), page_ids=pages)
         out, lse = sparse_mla_decode(q, self.cache, slots, self.cfg.softmax_scale)  # [T, Hq, 512], [T, Hq]
         if self.dcp_size > 1:
@@ -218,16 +228,6 @@ class MLALayer:
         tensortap.point(name + "hidden", hidden)
         return hidden
 
-    def _pages_for_oracle(self, topk: torch.Tensor, slots: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
-        """Pages the consumed slots touch, plus those holding the selected tokens this rank's cache owns.
-
-        The second set equals the first when the layer agrees with the cache writer; when it does
-        not, it is what an oracle needs to recompute the right answer from the dump."""
-        owned = sharding.filter_and_convert(topk, meta.req_ids, meta.block_table, meta.block_size,
-                                            meta.dcp_size, meta.dcp_rank, meta.interleave)  # [T, K]
-        touched = torch.cat([slots[slots >= 0], owned[owned >= 0]]).long() // meta.block_size  # [*]
-        return torch.unique(touched).to(torch.int32)  # [P]
-
     def _tap_meta(self, meta: DecodeMetadata) -> dict:
         if not tensortap.enabled():
             return {}
@@ -235,8 +235,8 @@ class MLALayer:
         return dict(
             tp_rank=g.tp_rank, tp_size=g.tp_size, dcp_rank=self.dcp_rank, dcp_size=self.dcp_size,
             group_dcp_rank=meta.dcp_rank, group_dcp_size=meta.dcp_size, kv_dcp_size=meta.dcp_size,
-            interleave=meta.interleave, num_heads=cfg.num_heads, seq_lens=meta.seq_lens.tolist(),
-            local_seq_lens=meta.local_seq_lens.tolist(), kv_format="fp8_ds_mla", block_size=cfg.block_size,
+            interleave=meta.interleave, num_heads=cfg.num_heads, seq_lens=meta.seq_lens_cpu,
+            local_seq_lens=meta.local_seq_lens_cpu, kv_format="fp8_ds_mla", block_size=cfg.block_size,
             softmax_scale=cfg.softmax_scale, kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.rope_dim,
             dcp_comm_backend=self.backend,
         )

@@ -91,8 +91,8 @@ def prefill(layer: MLALayer, scn: Scenario, block_table: torch.Tensor, groups: P
     """Write every prompt token this rank owns into the layer's caches (sharded by the process group)."""
     for request, length in enumerate(scn.prompts):
         latent, rope, keys = prompt_entries(scn.cfg, scn.seed, layer.layer, request, length)
-        positions = torch.arange(length)  # [L]
-        req_ids = torch.full((length,), request)  # [L]
+        positions = torch.arange(length, device=device)  # [L]
+        req_ids = torch.full((length,), request, device=device)  # [L]
         slots = sharding.slot_mapping(positions, req_ids, block_table, scn.cfg.block_size, groups.dcp_size,
                                       groups.dcp_rank, scn.interleave)  # [L]
         layer.write_cache(slots.to(device), latent.to(device), rope.to(device), keys.to(device))
@@ -112,7 +112,7 @@ class DecodeRunner:
                               scn.seed, self.dtype, device)
         for layer in (self.target, self.draft):
             prefill(layer, scn, self.block_table, groups, device)
-        self.prompts = torch.tensor(scn.prompts, device=device)  # [R]
+        self.prompts = torch.tensor(scn.prompts)  # [R], on the host: positions are host metadata
 
     def step(self, step: int, collect: bool = False) -> list[dict]:
         """The target pass, then `spec_tokens` recursive draft passes; with `collect`, each pass's tensors."""
@@ -125,7 +125,7 @@ class DecodeRunner:
         for role, layer, spec_pos, pos in forwards:
             meta = DecodeMetadata.build(pos, self.block_table, scn.cfg.block_size, groups.dcp_size, groups.dcp_rank,
                                         scn.interleave)
-            record = dict(role=role, step=step, spec_pos=spec_pos, positions=pos.cpu(), hidden_in=hidden_in.cpu())
+            record = dict(role=role, step=step, spec_pos=spec_pos, positions=pos, hidden_in=hidden_in.cpu())
             with tensortap.scope(step=step, spec_pos=spec_pos):
                 hidden = layer.forward(hidden_in, meta, record if collect else None)  # [R, C]
             if collect:
