@@ -212,6 +212,52 @@ def check_command(
     raise typer.Exit(report.exit_code)
 
 
+# -- diff --------------------------------------------------------------------------------------------
+@app.command("diff")
+@_guarded
+def diff_command(
+    a: Path = typer.Argument(..., help="Dump A (directory or segment file)."),
+    b: Optional[Path] = typer.Argument(None, help="Dump B (not with --across-ranks)."),
+    across_ranks: bool = typer.Option(False, "--across-ranks", help="One dump: what must agree across ranks."),
+    role_a: Optional[str] = typer.Option(None, help="Compare this role of A ..."),
+    role_b: Optional[str] = typer.Option(None, help="... with this role of B (draft vs target)."),
+    layer_a: Optional[int] = typer.Option(None, help="Compare this layer of A ..."),
+    layer_b: Optional[int] = typer.Option(None, help="... with this layer of B."),
+    steps: Optional[str] = typer.Option(None, help="Steps, e.g. 0-9,12."),
+    points: Optional[str] = typer.Option(None, help="Points, e.g. q,merged_out,hidden."),
+    rtol: Optional[float] = typer.Option(None, help="Relative tolerance (default: per dtype)."),
+    atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default: per dtype)."),
+    as_json: bool = typer.Option(False, "--json", help="Every pair and the summary as JSON on stdout."),
+):
+    """First divergence between two dumps (runs, roles, layouts), or agreement across ranks of one.
+
+    Exit code 0 when equal within tolerance, 1 when different, 2 on errors.
+    """
+    import tensortap
+    from tensortap.diff import across_ranks as check_across, diff, summarize_agreement
+    from tensortap.diff_render import render_agreement, render_diff
+
+    if across_ranks:
+        if b is not None:
+            raise typer.BadParameter("--across-ranks takes one dump", param_hint="B")
+        rows = check_across(tensortap.open(str(a)))
+        if as_json:
+            _print_json({"agreement": [r.to_json() for r in rows], "summary": summarize_agreement(rows)})
+        else:
+            render_agreement(rows, out)
+        raise typer.Exit(1 if any(r.disagree for r in rows) else 0)
+    if b is None:
+        raise typer.BadParameter("give two dumps, or one with --across-ranks", param_hint="B")
+    point_list = [p.strip() for p in points.split(",")] if points else None
+    report = diff(str(a), str(b), role_a=role_a, role_b=role_b, layer_a=layer_a, layer_b=layer_b, steps=steps,
+                  points=point_list, rtol=rtol, atol=atol)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        render_diff(report, out)
+    raise typer.Exit(report.exit_code)
+
+
 def _progress(label: str):
     """A progress bar over forwards on stderr, only when stderr is a terminal."""
     if not sys.stderr.isatty():

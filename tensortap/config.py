@@ -20,10 +20,10 @@ from tensortap.errors import TapConfigError
 # The tap points of the contract (DESIGN section 3), in the order the reference emits them.
 POINTS = (
     "block_table",
-    "kv_pages",
     "q",
     "topk",
     "slots",
+    "kv_pages",
     "partial_out",
     "lse",
     "merged_out",

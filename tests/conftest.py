@@ -48,5 +48,31 @@ def cli():
     return run
 
 
+SMALL = dict(steps=2, spec_tokens=1)
+
+
+@pytest.fixture(scope="session")
+def dumps(tmp_path_factory):
+    """Dumps of the reference on 4 gloo ranks: the bug, and clean runs over DCP 1/2/4, interleave 1/2, ag_rs/a2a."""
+    import dataclasses
+
+    from tensortap.distributed import spawn
+    from tensortap.mla.scenario import Scenario, run_rank
+
+    base = tmp_path_factory.mktemp("dumps")
+    configs = {
+        "bug": Scenario(**SMALL),
+        "dcp1": Scenario(dcp=1, fixed=True, **SMALL),
+        "dcp2-i2-a2a": Scenario(dcp=2, interleave=2, backend="a2a", fixed=True, **SMALL),
+        "dcp4": Scenario(fixed=True, **SMALL),
+        "dcp4-i2-a2a": Scenario(interleave=2, backend="a2a", fixed=True, **SMALL),
+    }
+    paths = {}
+    for name, scn in configs.items():
+        paths[name] = str(base / name)
+        spawn(run_rank, scn.ranks, kwargs=dict(scenario=dataclasses.asdict(scn), tap_dir=paths[name]), timeout=300)
+    return paths
+
+
 def segment_files(directory: str) -> list[str]:
     return sorted(f for f in os.listdir(directory) if ".tap.h5" in f) if os.path.isdir(directory) else []

@@ -1,6 +1,5 @@
 """tensortap check: the bug's verdict, clean runs, and each detector against its own targeted corruption."""
 
-import dataclasses
 import json
 import shutil
 
@@ -9,30 +8,7 @@ import torch
 
 import tensortap
 from tensortap.analysis import run_detector
-from tensortap.distributed import spawn
-from tensortap.mla.scenario import Scenario, run_rank
-
 from corrupt import rewrite_meta, rewrite_tensor
-
-SMALL = dict(steps=2, spec_tokens=1)
-
-
-@pytest.fixture(scope="module")
-def dumps(tmp_path_factory):
-    """Dumps of the reference: the bug, and clean runs over DCP 1/2/4, interleave 1/2, ag_rs/a2a."""
-    base = tmp_path_factory.mktemp("check")
-    configs = {
-        "bug": Scenario(**SMALL),
-        "dcp1": Scenario(dcp=1, fixed=True, **SMALL),
-        "dcp2-i2-a2a": Scenario(dcp=2, interleave=2, backend="a2a", fixed=True, **SMALL),
-        "dcp4": Scenario(fixed=True, **SMALL),
-        "dcp4-i2-a2a": Scenario(interleave=2, backend="a2a", fixed=True, **SMALL),
-    }
-    paths = {}
-    for name, scn in configs.items():
-        paths[name] = str(base / name)
-        spawn(run_rank, scn.ranks, kwargs=dict(scenario=dataclasses.asdict(scn), tap_dir=paths[name]), timeout=300)
-    return paths
 
 
 @pytest.fixture

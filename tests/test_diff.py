@@ -1,0 +1,116 @@
+"""tensortap diff: identical dumps, one perturbed element, draft against target, DCP4 against DCP1, across ranks."""
+
+import json
+import shutil
+
+import pytest
+
+import tensortap
+from tensortap.diff import DiffError, across_ranks, diff
+from tensortap.mla.scenario import Scenario, run_on_this_rank
+
+from corrupt import rewrite_meta, rewrite_tensor
+
+
+@pytest.fixture
+def copy_of(dumps, tmp_path):
+    made = []
+
+    def make(name):
+        made.append(name)
+        target = str(tmp_path / f"{name}-{len(made)}")
+        shutil.copytree(dumps[name], target)
+        return target
+
+    return make
+
+
+def test_identical_dumps_are_equal(dumps, copy_of, cli):
+    report = diff(dumps["dcp4"], copy_of("dcp4"))
+    assert report.equal and report.first is None and report.mode == "per-rank"
+    assert {p.point for p in report.pairs} == set(tensortap.open(dumps["dcp4"]).points)
+    code, out, _ = cli(["diff", dumps["dcp4"], copy_of("dcp4")])
+    assert code == 0 and "equal within tolerance" in out
+
+
+def test_one_perturbed_element_is_the_first_divergence(dumps, copy_of, cli):
+    b = copy_of("dcp4")
+
+    def nudge(t):
+        t[1, 0, 17] += 0.5
+        return t
+
+    rewrite_tensor(b, "merged_out", nudge, role="target", step=1, rank=2)
+    report = diff(dumps["dcp4"], b)
+    first = report.first
+    assert (first.role, first.step, first.point, first.rank) == ("target", 1, "merged_out", 2)
+    assert first.comparison.max_abs_at == [1, 0, 17] and first.comparison.over == 1
+    assert first.comparison.max_abs == pytest.approx(0.5, rel=1e-3)
+    assert report.context.point == "merged_out" and report.context.rank == 1, "the last matching record before it"
+    assert sum(not p.comparison.equal for p in report.pairs) == 1
+    code, out, _ = cli(["diff", dumps["dcp4"], b, "--json"])
+    data = json.loads(out)
+    assert code == 1 and data["first_divergence"]["max_abs_at"] == [1, 0, 17]
+
+
+def test_draft_against_target_in_the_bug(dumps):
+    report = diff(dumps["bug"], dumps["bug"], role_a="draft", role_b="target")
+    first = report.first
+    assert (first.role, first.role_b, first.layer, first.layer_b, first.step, first.spec_pos) == \
+        ("draft", "target", 78, 77, 0, 0)
+    assert first.point == "q" and first.comparison.kind == "shape"
+    assert first.comparison.note == "shape [2, 2, 576] vs [2, 8, 576]", "no query all-gather in the draft"
+    assert report.context.point == "block_table", "the block table both layers use matches"
+    differ = {p.point for p in report.pairs if not p.comparison.equal and p.step == 0}
+    assert {"q", "partial_out", "lse", "slots", "merged_out", "hidden"} <= differ
+
+
+def test_dcp4_against_dcp1_agrees_on_what_is_layout_invariant(dumps):
+    report = diff(dumps["dcp4"], dumps["dcp1"])
+    assert report.mode == "shard-aware" and report.equal, report.first and report.first.label
+    compared = {p.point for p in report.pairs}
+    assert compared == {"q", "topk", "kv_pages", "merged_out", "attn_out", "hidden"}
+    assert set(report.not_comparable) == {"block_table", "slots", "partial_out", "lse", "o_proj_partial"}
+    assert "DCP layout" in report.not_comparable["partial_out"]
+    kv = [p for p in report.pairs if p.point == "kv_pages"]
+    assert all(p.comparison.total > 0 for p in kv), "cache tokens were found in both layouts"
+
+
+def test_dcp4_against_the_bug_shows_where_it_breaks(dumps):
+    report = diff(dumps["dcp4"], dumps["bug"])
+    first = report.first
+    assert (first.role, first.step, first.spec_pos, first.point) == ("draft", 0, 0, "q")
+
+
+def test_across_ranks(dumps, cli):
+    rows = across_ranks(dumps["bug"])
+    q = [r for r in rows if r.point == "q" and r.disagree]
+    assert q and all("missing query all-gather" in r.reason for r in q)
+    assert {tuple(r.disagree) for r in q} == {(1, 2, 3)}
+    assert all(not r.disagree for r in rows if r.point == "hidden"), "the all-reduce makes hidden agree"
+    code, out, _ = cli(["diff", dumps["bug"], "--across-ranks"])
+    assert code == 1 and "missing query all-gather" in out and "hidden: agrees" in out
+    code, out, _ = cli(["diff", dumps["dcp2-i2-a2a"], "--across-ranks"])
+    assert code == 0 and "q: agrees" in out and "hidden: agrees" in out
+
+
+def test_different_models_refused(dumps, copy_of, cli):
+    other = copy_of("dcp4")
+    rewrite_meta(other, {"num_heads": 16})
+    with pytest.raises(DiffError, match="different models"):
+        diff(dumps["dcp4"], other)
+    code, _, err = cli(["diff", dumps["dcp4"], other])
+    assert code == 2 and "num_heads 8 vs 16" in err and len(err.strip().splitlines()) == 1
+
+
+def test_different_batches_refused(tmp_path, cli):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_on_this_rank(Scenario(ranks=1, dcp=1, steps=1, spec_tokens=0), tap_dir=a)
+    run_on_this_rank(Scenario(ranks=1, dcp=1, steps=1, spec_tokens=0, prompt_lens=(37, 50, 20)), tap_dir=b)
+    code, _, err = cli(["diff", a, b])
+    assert code == 2 and "different batches (2 vs 3 query tokens" in err
+
+
+def test_usage_errors(dumps, cli):
+    assert cli(["diff", dumps["dcp4"]])[0] == 2
+    assert cli(["diff", dumps["dcp4"], dumps["dcp4"], "--across-ranks"])[0] == 2
