@@ -45,10 +45,11 @@ def compare_values(a: np.ndarray, b: np.ndarray, tol: Tolerance, dtype_a: str = 
     c = Comparison("values", True, a.shape, b.shape, dtype_a, dtype_b, total=int(a.size))
     if a.size == 0:
         return c
-    both_nan = np.isnan(a) & np.isnan(b)
-    diff = np.where(both_nan, 0.0, np.abs(a - b))  # [...]
+    same = (a == b) | (np.isnan(a) & np.isnan(b))  # [...]: equal infinities and NaN against NaN match
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - b))  # [...]
     diff = np.where(np.isnan(diff), np.inf, diff)
-    excess = np.where(both_nan, -1.0, tol.excess(a, b))
+    excess = np.where(same, -1.0, tol.excess(a, b))
     c.over = int((excess > 0).sum())
     c.equal = c.over == 0
     flat = int(np.argmax(diff))
@@ -56,11 +57,12 @@ def compare_values(a: np.ndarray, b: np.ndarray, tol: Tolerance, dtype_a: str = 
     c.max_abs_at = [int(i) for i in np.unravel_index(flat, a.shape)]
     c.value_a, c.value_b = float(a.flat[flat]), float(b.flat[flat])
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / np.abs(b))
+        rel = np.where(same, 0.0, diff / np.abs(b))
+        rel = np.where(np.isnan(rel), np.inf, rel)
         finite = np.isfinite(a) & np.isfinite(b)
         fa, fb = np.where(finite, a, 0.0), np.where(finite, b, 0.0)
         norm_b, norm_a = float(np.linalg.norm(fb)), float(np.linalg.norm(fa))
-        c.max_rel = float(np.nanmax(rel))
+        c.max_rel = float(rel.max())
         c.rel_l2 = float(np.linalg.norm(fa - fb) / norm_b) if norm_b else (0.0 if norm_a == 0 else float("inf"))
         c.cosine = float(np.dot(fa.ravel(), fb.ravel()) / (norm_a * norm_b)) if norm_a and norm_b else float(norm_a == norm_b)
     return c

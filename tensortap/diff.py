@@ -252,6 +252,8 @@ def diff(a, b, role_a=None, role_b=None, layer_a=None, layer_b=None, steps=None,
                 if c is not None:
                     report.pairs.append(Pair(wa.role, wa.step, wa.spec_pos, wa.layer, point, "all", c, **extra))
         report.bytes_read += wa.bytes_read + wb.bytes_read
+        wa.release()
+        wb.release()  # one forward's tensors at a time: memory stays bounded
     return report
 
 

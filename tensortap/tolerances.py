@@ -18,9 +18,12 @@ class Tolerance:
     atol: float
 
     def excess(self, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
-        """|a - b| - (atol + rtol * |b|): > 0 where over tolerance (NaN counts as over)."""
-        diff = np.abs(actual - expected) - (self.atol + self.rtol * np.abs(expected))
-        return np.where(np.isnan(diff), np.inf, diff)
+        """|a - b| - (atol + rtol * |b|): > 0 where over tolerance. Equal values (infinities too) never are;
+        NaN against anything else always is."""
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(actual - expected) - (self.atol + self.rtol * np.abs(expected))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        return np.where(actual == expected, -np.inf, diff)
 
     def allclose(self, actual: np.ndarray, expected: np.ndarray) -> bool:
         return bool((self.excess(np.asarray(actual, np.float64), np.asarray(expected, np.float64)) <= 0).all())

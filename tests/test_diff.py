@@ -31,6 +31,7 @@ def test_identical_dumps_are_equal(dumps, copy_of, cli):
     assert {p.point for p in report.pairs} == set(tensortap.open(dumps["dcp4"]).points)
     code, out, _ = cli(["diff", dumps["dcp4"], copy_of("dcp4")])
     assert code == 0 and "equal within tolerance" in out
+    assert diff(dumps["bug"], copy_of("bug")).equal, "matching +inf LSEs (lonely rows) are equal, not NaN-different"
 
 
 def test_one_perturbed_element_is_the_first_divergence(dumps, copy_of, cli):

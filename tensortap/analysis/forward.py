@@ -69,6 +69,10 @@ class Forward:
             self._cache[key] = value
         return self._cache[key]
 
+    def release(self) -> None:
+        """Drop the tensors read so far (the records stay)."""
+        self._cache.clear()
+
     def dcp_groups(self) -> list[list[int]]:
         return layout.dcp_groups(self.metas())
 
