@@ -271,6 +271,44 @@ def _progress(label: str):
     return wrap
 
 
+# -- plot and report ---------------------------------------------------------------------------------
+@app.command("plot")
+@_guarded
+def plot_command(
+    dump: Path = typer.Argument(..., help="Dump directory or segment file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Image file to write (.png, .svg, .pdf)."),
+    point: str = typer.Option("merged_out", help="Head-shaped point for the per-head panel."),
+    step: Optional[int] = typer.Option(None, help="Step."),
+    layer: Optional[int] = typer.Option(None, help="Layer (negative counts from the last)."),
+    role: Optional[str] = typer.Option(None, help="target or draft."),
+    spec_pos: Optional[int] = typer.Option(None, help="Draft pass."),
+):
+    """Plot one forward: per-head output norms by rank, o_proj shares, hidden agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from tensortap.plot import forward
+
+    fig = forward(_open([dump]), step=step, layer=layer, role=role, spec_pos=spec_pos, point=point)
+    fig.savefig(output, dpi=110)
+    out.print(f"wrote {output}")
+
+
+@app.command("report")
+@_guarded
+def report_command(
+    dump: Path = typer.Argument(..., help="Dump directory or segment file."),
+    output: Path = typer.Option(..., "-o", "--output", help="HTML file to write."),
+    oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Recompute attention in float64 from the dump."),
+):
+    """Write a self-contained HTML report: what the dump holds, the check, and a figure per verdict."""
+    from tensortap.report import write_report
+
+    code = write_report(_open([dump]), str(output), use_oracle=oracle)
+    out.print(f"wrote {output}")
+    raise typer.Exit(code)
+
+
 # -- demo --------------------------------------------------------------------------------------------
 @app.command("demo")
 @_guarded
