@@ -41,7 +41,8 @@ def nccl_rows() -> list[tuple]:
             idx = [i for i, f in enumerate(results[0]) if f["role"] == role]
             zero = [max(int((r[i]["merged"].float().abs().sum(-1) == 0).all(0).sum()) for i in idx) for r in results]
             same = all(torch.equal(results[0][i]["hidden"], r[i]["hidden"]) for i in idx for r in results[1:])
-            verdict = next((v.name for v in report.verdicts if v.role == role), "clean" if report.clean else "findings")
+            found = sum(1 for f in report.findings if f.role == role)
+            verdict = next((v.name for v in report.verdicts if v.role == role), f"{found} findings" if found else "clean")
             rows.append(("fixed" if fixed else "bug", role, "/".join(map(str, zero)), same, verdict, f"{seconds:.1f}"))
     return rows
 
@@ -81,8 +82,8 @@ def overhead_rows(steps: int) -> list[tuple]:
     scn = Scenario(preset="glm5", ranks=1, dcp=1, dtype="bfloat16", steps=steps, spec_tokens=2)
     runner = DecodeRunner(scn, ProcessGroups.build(1), device="cuda:0")
     modes = [("off", None), ("stats, layer 78", dict(mode="stats", layers="78")),
-             ("full, layer 78", dict(layers="78")), ("stats, both layers", dict(mode="stats")),
-             ("full, both layers", dict())]
+             ("full, layer 78", dict(layers="78")), ("full, layer 78, writer=thread", dict(layers="78", writer="thread")),
+             ("stats, both layers", dict(mode="stats")), ("full, both layers", dict())]
     medians = {}
     step_times(runner, 5)  # warm-up: kernels, allocator
     for _ in range(2):  # two rounds, interleaved, to see the spread
@@ -90,6 +91,7 @@ def overhead_rows(steps: int) -> list[tuple]:
             tensortap.close()
             if keys is not None:
                 tensortap.configure(dir=tempfile.mkdtemp(prefix="ovh-"), **keys)
+                step_times(runner, 3)  # the writer (process) starts
             times = step_times(runner, steps)
             counters = tensortap.stats()
             tensortap.close()

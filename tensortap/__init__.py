@@ -9,18 +9,21 @@ Read and analyse:
 
 __version__ = "0.1.0"
 
-from tensortap.capture.runtime import (  # noqa: E402  (the hot path: imported eagerly)
-    close,
-    configure,
-    current_config,
-    enabled,
-    flush,
-    point,
-    scope,
-    stats,
-    wants,
-)
 from tensortap.errors import FormatError, SelectionError, TapConfigError, TapError  # noqa: E402
+
+_CAPTURE = ("close", "configure", "current_config", "enabled", "flush", "point", "scope", "stats", "wants")
+
+
+def __getattr__(name: str):
+    """The capture API loads on first use (reading TAP then), and binds here: later calls cost a plain
+    attribute lookup. Readers and the writer process never import torch through it."""
+    if name in _CAPTURE:
+        from tensortap.capture import runtime
+
+        for attr in _CAPTURE:
+            globals()[attr] = getattr(runtime, attr)
+        return globals()[name]
+    raise AttributeError(f"module 'tensortap' has no attribute {name!r}")
 
 
 def open(path, **options):  # noqa: A001  (the DESIGN's name: tensortap.open)

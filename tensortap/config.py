@@ -35,6 +35,7 @@ ROLES = ("target", "draft")
 MODES = ("full", "stats")
 ON_FULL = ("block", "drop")
 COMPRESSIONS = ("none", "lzf", "gzip")
+WRITERS = ("process", "thread")
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -134,6 +135,7 @@ class TapConfig:
     segment_records: int = 20_000
     segment_bytes: int = 2 << 30
     queue_bytes: int = 1 << 30
+    writer: str = "process"
 
     def to_json_dict(self) -> dict:
         f = self.filter
@@ -151,6 +153,7 @@ class TapConfig:
             "segment_records": self.segment_records,
             "segment_bytes": self.segment_bytes,
             "queue_bytes": self.queue_bytes,
+            "writer": self.writer,
         }
 
 
@@ -168,6 +171,7 @@ VALID_KEYS = (
     "segment_records",
     "segment_bytes",
     "queue_bytes",
+    "writer",
 )
 
 
@@ -227,6 +231,8 @@ def from_mapping(keys: Mapping[str, object]) -> TapConfig:
         changes["on_full"] = _choice("on_full", keys["on_full"], ON_FULL)
     if keys.get("compress") is not None:
         changes["compress"] = _choice("compress", keys["compress"], COMPRESSIONS)
+    if keys.get("writer") is not None:
+        changes["writer"] = _choice("writer", keys["writer"], WRITERS)
     for key in ("max_bytes", "segment_bytes", "queue_bytes"):
         if keys.get(key) is not None:
             changes[key] = parse_size(key, keys[key])

@@ -20,7 +20,7 @@ import numpy as np
 from tensortap.config import filter_from
 from tensortap.errors import FormatError, SelectionError
 from tensortap.format import codecs
-from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths
+from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_sidecar
 from tensortap.format.validate import human_bytes
 
 _FILTER_KEYS = ("point", "step", "layer", "role", "rank")
@@ -83,9 +83,9 @@ class Record:
         Stats mode stores it; full mode derives it from the stored tensor the same way."""
         stored = self._dump._reader(self._path).read_stats(self.meta)
         if stored is None and self.stored:
-            from tensortap.capture.stats import stats_array
+            from tensortap.capture.stats import compute
 
-            return stats_array(self.tensor(), self.point)
+            return compute(self.raw(), self.dtype, self.point, keep_arrays=True)[1]
         return stored
 
     def __repr__(self) -> str:
@@ -147,7 +147,8 @@ class Dump:
                 if not file.endswith(".tmp"):
                     pool.close()
                     raise
-                segments.append(SegmentInfo(file, False, 0, {}, f"unreadable, no record survived ({exc.problem})"))
+                segments.append(SegmentInfo(file, False, 0, read_sidecar(file),
+                                            f"unreadable, no record survived ({exc.problem})"))
                 continue
             segments.append(reader.info)
             metas.extend(reader.metas)

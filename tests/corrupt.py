@@ -27,8 +27,7 @@ def rewrite_tensor(directory: str, point: str, change, **select) -> torch.Tensor
     with tensortap.open(directory) as dump:
         rec = dump.record(point, **select)
         new = change(rec.tensor().clone())
-    scalars, _ = capture_stats.host_stats(capture_stats.device_stats(new, point, may_sync=True, zero_counts=False),
-                                          tuple(new.shape))
+    scalars, _ = capture_stats.compute(encode(new.contiguous())[0], rec.dtype, point, keep_arrays=False)
     with h5py.File(rec.path, "r+") as f:
         group = f[schema.RECORDS_GROUP][schema.record_group_name(rec.meta["seq"])]
         group[point][...] = encode(new.contiguous())[0]

@@ -3,6 +3,8 @@
 import errno
 import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import torch
 import tensortap
 from tensortap.capture import runtime
 from tensortap.distributed import spawn
+from tensortap.capture.writer import ChildSink
 from tensortap.format.segment import SegmentWriter
 
 from conftest import segment_files
@@ -187,7 +190,7 @@ def test_drop_mode_counts_what_it_drops(tap_dir, monkeypatch):
         original(self, rec)
 
     monkeypatch.setattr(SegmentWriter, "write", slow_write)
-    tensortap.configure(dir=tap_dir, on_full="drop", queue_bytes=8192)
+    tensortap.configure(dir=tap_dir, on_full="drop", queue_bytes=8192, writer="thread")
     for step in range(40):
         tensortap.point("layers.0.attn.q", torch.zeros(1024), step=step)  # 4 KiB each
     dropped = tensortap.stats()["dropped"]
@@ -208,7 +211,7 @@ def test_disk_full_keeps_the_model_running(tap_dir, monkeypatch, caplog):
         original(self, rec)
 
     monkeypatch.setattr(SegmentWriter, "write", failing_write)
-    tensortap.configure(dir=tap_dir)
+    tensortap.configure(dir=tap_dir, writer="thread")
     with caplog.at_level(logging.ERROR, logger="tensortap"):
         for step in range(10):
             tensortap.point("layers.0.attn.lse", torch.ones(2, 2), step=step)  # never raises
@@ -223,10 +226,35 @@ def test_disk_full_keeps_the_model_running(tap_dir, monkeypatch, caplog):
     assert d.capture_errors and "No space left" in d.capture_errors[0], "the loss is recorded in the dump"
 
 
-def test_unwritable_directory_keeps_the_model_running(tmp_path, caplog):
+def test_a_full_file_system_in_the_writer_process(tap_dir, monkeypatch, caplog):
+    """A real write failure in the writer process (EFBIG past a file-size limit): one error, the rest lost."""
+
+    original = ChildSink._popen_options
+
+    def limited(self):
+        return dict(original(self),
+                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10)))
+
+    monkeypatch.setattr(ChildSink, "_popen_options", limited)
+    tensortap.configure(dir=tap_dir, writer="process")
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        for step in range(40):
+            tensortap.point("layers.0.attn.lse", torch.ones(64, 64), step=step)  # 16 KiB each; never raises
+            tensortap.flush(timeout=60)
+    counters = tensortap.stats()
+    tensortap.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "File too large" in errors[0].getMessage()
+    assert 0 < counters["records"] < 40 and counters["lost"] > 0
+    d = tensortap.open(tap_dir)
+    assert len(d) >= 1 and d.steps == list(range(len(d))), "what was flushed before stays readable"
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_unwritable_directory_keeps_the_model_running(tmp_path, caplog, writer):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the dump directory should go")
-    tensortap.configure(dir=str(blocker / "tap"))
+    tensortap.configure(dir=str(blocker / "tap"), writer=writer)
     with caplog.at_level(logging.ERROR, logger="tensortap"):
         for step in range(5):
             tensortap.point("layers.0.attn.lse", torch.ones(2, 2), step=step)
@@ -264,7 +292,7 @@ def test_four_gloo_ranks_capture_together(tmp_path):
 
 KILLED_WRITER = """
 import sys, torch, tensortap
-tensortap.configure(dir=sys.argv[1])
+tensortap.configure(dir=sys.argv[1], writer=sys.argv[2])
 for step in range(20):
     tensortap.point("layers.0.attn.lse", torch.full((4, 64), float(step)), step=step)
 tensortap.flush()
@@ -276,21 +304,36 @@ while True:
 """
 
 
-def test_sigkill_after_flush_keeps_every_flushed_record(tmp_path, cli):
+@pytest.mark.parametrize("writer, kill", [("thread", "server"), ("process", "server"), ("process", "both")])
+def test_sigkill_after_flush_keeps_every_flushed_record(tmp_path, cli, writer, kill):
     directory = str(tmp_path / "tap")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, directory], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, directory, writer], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "flushed"
         time.sleep(0.3)
     finally:
-        proc.kill()
+        if kill == "both":
+            os.killpg(proc.pid, signal.SIGKILL)  # the server and its writer process
+        else:
+            proc.kill()
         proc.wait()
+    if writer == "process" and kill == "server":
+        _wait_for_commit(directory)
     d = tensortap.open(directory)
-    assert len(d.truncated) == 1
+    truncated = writer == "thread" or kill == "both"
+    assert len(d.truncated) == (1 if truncated else 0), "a surviving writer process commits what it received"
     steps = d.steps
     assert steps[:20] == list(range(20)), "every record flushed before the kill is readable"
     assert steps == list(range(len(steps)))
     for step in (0, 19, steps[-1]):
         assert float(d.get("lse", step=step)[0, 0]) == float(step)
     code, out, _ = cli(["ls", directory])
-    assert code == 0 and "truncated" in out
+    assert code == 0 and ("truncated" in out) == truncated
+
+
+def _wait_for_commit(directory, timeout=30.0):
+    """The surviving writer process sees the end of its input and commits: wait for the .tmp to become final."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(f.endswith(".tmp") for f in os.listdir(directory)):
+        time.sleep(0.1)

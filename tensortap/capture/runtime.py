@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Stager, capturing_cuda_graph
-from tensortap.capture.writer import Counters, Job, Writer
+from tensortap.capture.writer import ChildSink, Counters, Job, LocalSink, Writer
 from tensortap.config import TapConfig, from_mapping, parse_tap
 from tensortap.errors import TapConfigError
 from tensortap.format.codecs import dtype_name
@@ -31,6 +32,7 @@ from tensortap.format.validate import POINT_NAME
 log = logging.getLogger("tensortap")
 
 _scope: ContextVar[dict] = ContextVar("tensortap_scope", default={})
+PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 _NULL_SCOPE = contextlib.nullcontext()
 
 
@@ -51,6 +53,7 @@ class Tap:
         self._rank: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self._local = threading.local()  # per thread: jobs of the open scope, handed over at its exit
 
     # -- the enabled path ----------------------------------------------------------------------
     def record(self, name: str, tensor, meta: dict) -> None:
@@ -88,7 +91,24 @@ class Tap:
             shape=list(tensor.shape), dropped_before=self.counters.dropped,
         )
         job = Job(merged["seq"], merged, staged, merged["dtype"], tuple(tensor.shape), point, self.full)
-        self._writer(rank, world_size).submit(job)
+        self._writer(rank, world_size)
+        pending = self._pending()
+        pending.append(job)
+        if not _scope.get() or len(pending) >= PENDING_JOBS:
+            self.submit_pending()
+
+    def _pending(self) -> list:
+        pending = getattr(self._local, "jobs", None)
+        if pending is None:
+            pending = self._local.jobs = []
+        return pending
+
+    def submit_pending(self) -> None:
+        """Hand this thread's jobs to the writer (at scope exit, at flush, or when enough are waiting)."""
+        pending = getattr(self._local, "jobs", None)
+        if pending and self.writer is not None:
+            self._local.jobs = []
+            self.writer.submit(pending)
 
     def _stage(self, tensor: torch.Tensor, point: str, merged: dict):
         """Snapshot the tensor (stats mode too: its stats are computed from the host copy, off the
@@ -146,11 +166,8 @@ class Tap:
                 if self.writer is None:
                     identity = run_identity(rank, world_size)
                     identity["config"] = self.config.to_json_dict()
-                    segments = SegmentWriter(
-                        self.config.dir, rank, identity, self.config.compress,
-                        self.config.segment_records, self.config.segment_bytes,
-                    )
-                    self.writer = Writer(segments, self.config.queue_bytes, self.config.on_full, self.counters)
+                    self.writer = Writer(functools.partial(_make_sink, self.config, rank, identity),
+                                         self.config.queue_bytes, self.config.on_full, self.counters)
         return self.writer
 
     def _warn_once(self, key: str, message: str, *args) -> None:
@@ -166,11 +183,23 @@ class Tap:
             point, merged.get("layer", layer_in_name), merged.get("step"), rank, merged.get("role"))
 
     def flush(self, timeout: float | None = None) -> bool:
+        self.submit_pending()
         return self.writer.flush(timeout) if self.writer is not None else True
 
     def close(self, timeout: float | None = None) -> None:
+        self.submit_pending()
         if self.writer is not None:
             self.writer.close(timeout)
+
+
+def _make_sink(config: TapConfig, rank: int, identity: dict):
+    """Where records go: a writer process (outside this GIL), or h5py in the writer thread."""
+    opening = dict(dir=config.dir, rank=rank, root_attrs=identity, compress=config.compress,
+                   segment_records=config.segment_records, segment_bytes=config.segment_bytes)
+    if config.writer == "process":
+        return ChildSink(opening)
+    return LocalSink(SegmentWriter(opening["dir"], rank, identity, config.compress, config.segment_records,
+                                   config.segment_bytes))
 
 
 # -- module state and the public functions -------------------------------------------------------
@@ -200,6 +229,13 @@ class _Scope:
 
     def __exit__(self, *exc) -> None:
         _scope.reset(self.token)
+        tap = _tap
+        if tap is not None:
+            try:
+                tap.submit_pending()
+            except Exception as error:  # never into the model's forward
+                tap.counters.errors += 1
+                tap._warn_once("error", "tensortap: handing records to the writer failed (%s)", error)
 
 
 def scope(**meta):

@@ -1,25 +1,34 @@
-"""The one writer thread of a process: a bounded queue in, segments out.
+"""From the queue to the disk: one consumer thread per process, and where it sends records.
 
-Only this thread calls h5py (h5py holds a global lock). The queue is bounded in bytes:
-`on_full=block` makes the caller wait, `on_full=drop` drops the record and counts it.
-A write error (disk full, directory gone) is logged once, noted in the dump where
-possible, and stops capture; it never reaches the caller.
+The queue is bounded in bytes: `on_full=block` makes the caller wait, `on_full=drop` drops
+the record and counts it. The consumer thread waits for each snapshot's copy to the host and
+hands the record to a sink:
+
+    ChildSink  (writer=process, the default) streams it to a writer process (sink.py), which
+               computes the stats and alone calls h5py, outside this process's GIL;
+    LocalSink  (writer=thread) computes the stats and writes the segment in this thread.
+
+A write error (disk full, directory gone, writer process dead) is logged once, noted in the
+dump where possible, and stops capture; it never reaches the caller.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from tensortap.capture import stats as capture_stats
+from tensortap.capture.frames import build_record, write_frame
 from tensortap.capture.staging import Staged
 from tensortap.format.codecs import encode
-from tensortap.format.segment import PendingRecord, SegmentWriter
+from tensortap.format.segment import SegmentWriter
 
 log = logging.getLogger("tensortap")
 
@@ -29,8 +38,8 @@ class Job:
     """A record on its way to disk."""
 
     seq: int
-    meta: dict  # JSON-able metadata
-    staged: Staged  # "data" (the snapshot), "meta:*" (tensor-valued metadata)
+    meta: dict  # metadata; tensor values travel in `staged` as "meta:<key>"
+    staged: Staged  # "data" (the snapshot) and "meta:*"
     dtype: str
     shape: tuple[int, ...]
     point: str
@@ -58,38 +67,165 @@ class Counters:
         return {name: getattr(self, name) for name in self.FIELDS}
 
 
-class Writer:
-    """Owns the queue, the thread and the SegmentWriter."""
+# -- sinks ----------------------------------------------------------------------------------------------
+class LocalSink:
+    """Stats and h5py in the consumer thread (writer=thread)."""
 
-    def __init__(self, segments: SegmentWriter, queue_bytes: int, on_full: str, counters: Counters):
+    def __init__(self, segments: SegmentWriter):
         self.segments = segments
+
+    @property
+    def where(self) -> str:
+        return self.segments.open_path or self.segments.directory
+
+    def write(self, seq: int, meta: dict, array: np.ndarray, dtype: str, point: str, full: bool) -> None:
+        self.segments.write(build_record(seq, meta, array, dtype, point, full))
+
+    def flush(self) -> None:
+        pass  # every record is flushed as it is written
+
+    def close(self, attrs: dict) -> None:
+        self.segments.close_segment(attrs)
+
+    def mark_failure(self, attrs: dict) -> None:
+        self.segments.mark_failure(attrs)
+
+
+class ChildSink:
+    """Frames to a writer process (writer=process); its replies are read by a small thread."""
+
+    PIPE_BYTES = 1 << 20
+
+    def __init__(self, opening: dict, timeout: float = 120.0):
+        self.where = opening["dir"]
+        self.timeout = timeout
+        self.error: str | None = None
+        self.persisted: int | None = None  # records the writer process had written when it failed
+        self._flushed = threading.Condition()
+        self._flush_id = self._acked = 0
+        self._closed = threading.Event()
+        self.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        close_fds=True, **self._popen_options())
+        self._fd = self.process.stdin.fileno()
+        _grow_pipe(self._fd, self.PIPE_BYTES)
+        threading.Thread(target=self._read_replies, name="tensortap-sink-replies", daemon=True).start()
+        write_frame(self._fd, dict(opening, k="open"))
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "tensortap.capture.sink"]
+
+    def _popen_options(self) -> dict:
+        return {"env": child_sink_env()}
+
+    def _read_replies(self) -> None:
+        for line in self.process.stdout:
+            text = line.decode("utf-8", errors="replace").rstrip("\n")
+            if text.startswith("F "):
+                with self._flushed:
+                    self._acked = int(text[2:])
+                    self._flushed.notify_all()
+            elif text.startswith("E "):
+                count, _, message = text[2:].partition(" ")
+                self.persisted, self.error = int(count), message
+            elif text == "C":
+                self._closed.set()
+        self._closed.set()  # the writer process is gone
+        with self._flushed:
+            self._flushed.notify_all()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error)
+        if self.process.poll() is not None and not self._closed.is_set():
+            raise OSError(f"the writer process exited with code {self.process.returncode}")
+
+    def write(self, seq: int, meta: dict, array: np.ndarray, dtype: str, point: str, full: bool) -> None:
+        self._check()
+        header = dict(k="rec", seq=seq, meta=meta, dtype=dtype, shape=list(array.shape), point=point, full=full)
+        try:
+            write_frame(self._fd, header, array)
+        except OSError as exc:  # broken pipe: the writer process died
+            raise OSError(self.error or f"the writer process is gone ({exc})") from None
+
+    def flush(self) -> None:
+        """Returns once the writer process has written and flushed everything sent so far."""
+        self._flush_id += 1
+        write_frame(self._fd, dict(k="flush", id=self._flush_id))
+        deadline = time.monotonic() + self.timeout
+        with self._flushed:
+            while self._acked < self._flush_id and not self._closed.is_set():
+                if not self._flushed.wait(max(0.0, deadline - time.monotonic())):
+                    raise OSError(f"the writer process did not flush within {self.timeout:.0f} s")
+        self._check()
+
+    def close(self, attrs: dict) -> None:
+        try:
+            write_frame(self._fd, dict(k="close", attrs=attrs))
+            self._closed.wait(self.timeout)
+        finally:
+            self._shut()
+        self._check()
+
+    def mark_failure(self, attrs: dict) -> None:
+        self._shut()  # the writer process noted the loss itself when it could
+
+    def _shut(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _grow_pipe(fd: int, size: int) -> None:
+    """A bigger pipe (Linux): fewer wake-ups of the writer process per record."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, 1031, size)  # F_SETPIPE_SZ
+    except (ImportError, OSError):
+        pass
+
+
+# -- the consumer thread ----------------------------------------------------------------------------------
+class Writer:
+    """Owns the bounded queue and the thread that drains it into a sink."""
+
+    def __init__(self, make_sink, queue_bytes: int, on_full: str, counters: Counters):
         self.queue_bytes = queue_bytes
         self.block = on_full == "block"
         self.counters = counters
         self.failed: BaseException | None = None
+        self.sink = None
+        self._make_sink = make_sink
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="tensortap-writer", daemon=True)
         self._thread.start()
 
-    # -- caller side -------------------------------------------------------------------------
-    def submit(self, job: Job) -> bool:
-        """Queue a job; False when it was dropped (queue full with on_full=drop, or capture stopped)."""
-        size = job.staged.nbytes
+    # -- caller side -------------------------------------------------------------------------------------
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (one wake-up of the writer for all); dropped when the queue is full with on_full=drop."""
         with self._cond:
-            while self._queue and self._queued_bytes + size > self.queue_bytes and self.failed is None:
-                if not self.block:
+            for job in jobs:
+                size = job.staged.nbytes
+                while self._queue and self._queued_bytes + size > self.queue_bytes and self.failed is None:
+                    if not self.block:
+                        break
+                    self._cond.notify_all()
+                    self._cond.wait()
+                if self.failed is not None:
+                    self.counters.lost += 1
+                elif self._queue and self._queued_bytes + size > self.queue_bytes:
                     self.counters.dropped += 1
-                    return False
-                self._cond.wait()
-            if self.failed is not None:
-                self.counters.lost += 1
-                return False
-            self._queue.append(job)
-            self._queued_bytes += size
+                else:
+                    self._queue.append(job)
+                    self._queued_bytes += size
             self._cond.notify_all()
-        return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every job submitted before this call is written and flushed."""
@@ -107,8 +243,12 @@ class Writer:
             self._cond.notify_all()
         return marker.done.wait(timeout)
 
-    # -- writer thread -----------------------------------------------------------------------
+    # -- writer thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self.sink = self._make_sink()
+        except Exception as exc:
+            self._fail(exc, with_record=False)
         while True:
             with self._cond:
                 while not self._queue:
@@ -118,65 +258,69 @@ class Writer:
                     self._queued_bytes -= item.staged.nbytes
                 self._cond.notify_all()
             if isinstance(item, _Marker):
+                self._marker(item)
                 if item.close:
-                    self._close_segments()
-                    item.done.set()
                     return
-                item.done.set()
                 continue
             if self.failed is not None:
                 self.counters.lost += 1
                 continue
             try:
-                self.segments.write(self._record(item))
+                host = item.staged.wait()
+                data = host["data"]
+                self.sink.write(item.seq, _finish_meta(item, host), encode(data)[0], item.dtype, item.point, item.full)
                 self.counters.records += 1
-                self.counters.bytes += item.staged.tensors["data"].nbytes if item.full else 0
-            except Exception as exc:  # disk full, permission, h5py errors: stop, never raise
+                self.counters.bytes += data.nbytes if item.full else 0
+            except Exception as exc:  # disk full, permission, writer process gone: stop, never raise
                 self._fail(exc)
 
-    def _record(self, job: Job) -> PendingRecord:
-        host = job.staged.wait()
-        meta = {key: as_json(value) for key, value in job.meta.items()}
-        for key, tensor in host.items():
-            if key.startswith("meta:"):
-                meta[key[5:]] = tensor.tolist()
-        data = host["data"]
-        # Full mode stores the tensor (its per-head stats are derivable: Record.stats_array); stats mode stores them.
-        stats = capture_stats.device_stats(data, job.point, may_sync=True, zero_counts=not job.full)
-        scalars, stats_array = capture_stats.host_stats(stats, job.shape)
-        array = encode(data)[0] if job.full else None
-        if job.full:
-            stats_array = None
-        meta["stats"] = scalars
-        meta["stored"] = job.full
-        return PendingRecord(job.seq, meta, array, job.dtype, job.shape, scalars, stats_array)
+    def _marker(self, marker: _Marker) -> None:
+        try:
+            if self.failed is None:
+                if marker.close:
+                    self.sink.close({f"{k}_total": v for k, v in self.counters.as_dict().items()})
+                else:
+                    self.sink.flush()
+        except Exception as exc:
+            self._fail(exc, with_record=False)
+        finally:
+            marker.done.set()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, with_record: bool = True) -> None:
+        """Stop capture: `with_record` when the record in hand is lost with it."""
+        persisted = getattr(self.sink, "persisted", None)
         with self._cond:
             self.failed = exc
+            if persisted is not None and persisted < self.counters.records:  # sent, but not written
+                self.counters.lost += self.counters.records - persisted
+                self.counters.records = persisted
             pending = sum(1 for item in self._queue if isinstance(item, Job))
             self._queue = collections.deque(item for item in self._queue if not isinstance(item, Job))
             self._queued_bytes = 0
-            self.counters.lost += 1 + pending
+            self.counters.lost += int(with_record) + pending
             self._cond.notify_all()
-        where = self.segments.open_path or self.segments.directory
+        where = self.sink.where if self.sink is not None else "the writer"
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
         log.error(
-            "tensortap: writing %s failed (%s: %s); capture stopped, %d record(s) lost, "
+            "tensortap: writing %s failed (%s); capture stopped, %d record(s) lost, "
             "the %d record(s) written before stay readable",
-            where, type(exc).__name__, exc, self.counters.lost, self.counters.records,
+            where, message, self.counters.lost, self.counters.records,
         )
-        self.segments.mark_failure(
-            {"capture_error": f"{type(exc).__name__}: {exc}", "records_lost": self.counters.lost,
-             "failed_ns": time.time_ns()}
-        )
+        if self.sink is not None:
+            try:
+                self.sink.mark_failure({"capture_error": message,
+                                        "records_lost": self.counters.lost, "failed_ns": time.time_ns()})
+            except Exception:
+                pass
 
-    def _close_segments(self) -> None:
-        if self.failed is not None:
-            return
-        try:
-            self.segments.close_segment({f"{k}_total": v for k, v in self.counters.as_dict().items()})
-        except Exception as exc:
-            self._fail(exc)
+
+def _finish_meta(job: Job, host: dict) -> dict:
+    """JSON-able metadata: tensor-valued entries (now on the host) become lists."""
+    meta = {key: as_json(value) for key, value in job.meta.items()}
+    for key, tensor in host.items():
+        if key.startswith("meta:"):
+            meta[key[5:]] = tensor.tolist()
+    return meta
 
 
 def as_json(value):
@@ -192,3 +336,12 @@ def as_json(value):
     if isinstance(value, dict):
         return {str(k): as_json(v) for k, v in value.items()}
     return str(value)
+
+
+def child_sink_env() -> dict:
+    """The writer process needs this package importable exactly as the server imports it."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("TAP", None)
+    return env

@@ -46,7 +46,7 @@ class SegmentReader:
         self.path = path
         self.file = validate.open_file(path)
         try:
-            self.root = self._root_attrs()
+            self.root = {**self._root_attrs(), **read_sidecar(path)}
             self.metas, self.info = self._list()
         except FormatError:
             self.file.close()
@@ -178,6 +178,19 @@ class SegmentReader:
             raise
         except Exception as exc:
             raise FormatError(self.path, f"stats of record {meta.get('seq')} are unreadable ({type(exc).__name__})") from None
+
+
+def read_sidecar(path: str) -> dict:
+    """What a writer that failed noted beside its segment (capture_error, records_lost), if anything."""
+    sidecar = path + schema.ERROR_SUFFIX
+    if not os.path.isfile(sidecar) or os.path.getsize(sidecar) > 1 << 20:
+        return {}
+    try:
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            value = validate.parse_json(sidecar, f.read(), "error note")
+    except (OSError, FormatError):
+        return {}
+    return {k: value[k] for k in ("capture_error", "records_lost") if k in value}
 
 
 def list_segment_paths(path: str) -> list[str]:

@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 SUFFIX = ".tap.h5"
 TMP_SUFFIX = ".tap.h5.tmp"
+ERROR_SUFFIX = ".error.json"  # beside a segment whose writer hit an error: what was lost
 RECORDS_GROUP = "records"
 INDEX_DATASET = "index"
 META_ATTR = "meta"

@@ -163,24 +163,32 @@ class SegmentWriter:
         self._seg += 1
 
     def mark_failure(self, attrs: dict) -> None:
-        """Best effort after a write error: note the loss in the open segment and close it."""
+        """After a write error: leave the open segment as its last flush left it, and note the loss beside it.
+
+        HDF5 would go on writing (metadata flushes at close) into a file it could not extend, and
+        could leave a superblock that claims more than the file holds; its descriptor is pointed
+        at /dev/null first. The loss goes to `<segment>.error.json`, best effort."""
         if self._file is None:
             return
+        f, self._file = self._file, None
         try:
-            for key, value in attrs.items():
-                self._file.attrs[key] = value
-            self._file.flush()
+            fd = f.id.get_vfd_handle()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, fd)
+            os.close(devnull)
         except Exception:
             pass
         try:
-            self.close_segment()
+            f.close()
         except Exception:
-            try:
-                if self._file is not None:
-                    self._file.close()
-            except Exception:
-                pass
-            self._file = None
+            pass
+        try:
+            sidecar = self._tmp_path + schema.ERROR_SUFFIX
+            fd = os.open(sidecar, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(dict(attrs, records=len(self._rows)), out)
+        except Exception:
+            pass
 
     @property
     def open_path(self) -> str | None:

@@ -8,6 +8,7 @@ that claims more bytes than the file holds, oversized or non-JSON metadata.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -30,8 +31,10 @@ def open_file(path: str) -> h5py.File:
     try:
         f = h5py.File(path, "r", locking=False)
     except (OSError, ValueError) as exc:
-        reason = str(exc).split("(")[0].strip().rstrip(",") or type(exc).__name__
-        raise FormatError(path, f"not a readable HDF5 file ({reason})", NOT_A_DUMP_FIX) from None
+        f = _open_short_tmp(path, exc)
+        if f is None:
+            reason = str(exc).split("(")[0].strip().rstrip(",") or type(exc).__name__
+            raise FormatError(path, f"not a readable HDF5 file ({reason})", NOT_A_DUMP_FIX) from None
     try:
         version = f.attrs.get("tensortap_format")
         if isinstance(version, np.generic):
@@ -53,6 +56,62 @@ def open_file(path: str) -> h5py.File:
     except Exception as exc:  # h5py raises many types on corrupted structures
         f.close()
         raise FormatError(path, f"corrupted HDF5 structure ({type(exc).__name__}: {exc})", NOT_A_DUMP_FIX) from None
+
+
+class _ZeroPadded(io.RawIOBase):
+    """A read-only view of a file that reads as zeros past its end, up to `size` bytes."""
+
+    def __init__(self, path: str, size: int):
+        self._file = open(path, "rb")
+        self._real = os.fstat(self._file.fileno()).st_size
+        self._size = max(size, self._real)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self._size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        real = max(0, min(n, self._real - self._pos))
+        if real:
+            self._file.seek(self._pos)
+            got = self._file.readinto(view[:real]) or 0
+            view[got:real] = bytes(real - got)
+        view[real:n] = bytes(n - real)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_short_tmp(path: str, error: Exception) -> h5py.File | None:
+    """A `.tmp` segment whose writer failed mid-flush may claim more bytes than it holds: read it zero-padded."""
+    if not path.endswith(schema.TMP_SUFFIX) or "truncated file" not in str(error):
+        return None
+    try:
+        with open(path, "rb") as raw:
+            head = raw.read(36)
+        if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+            return None
+        stored_eof = int.from_bytes(head[28:36], "little")  # superblock v2/v3: end-of-file address
+        if stored_eof > os.path.getsize(path) + schema.MAX_RECORD_BYTES:
+            return None
+        return h5py.File(_ZeroPadded(path, stored_eof), "r")
+    except Exception:
+        return None
 
 
 def check_links(path: str, group: h5py.Group) -> None:
