@@ -76,7 +76,7 @@ class Tap:
             return
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
-        if tensor.is_cuda and capturing_cuda_graph():
+        if tensor.is_cuda and capturing_cuda_graph():  # nothing host-side would be replayed
             self.counters.graph_skipped += 1
             self._warn_once("graph", "tensortap: tap points inside CUDA-graph capture are skipped (%s); "
                             "run the tapped steps eagerly", name)
@@ -108,6 +108,7 @@ class Tap:
         pending = getattr(self._local, "jobs", None)
         if pending and self.writer is not None:
             self._local.jobs = []
+            Stager.mark_ready([job.staged for job in pending])
             self.writer.submit(pending)
 
     def _stage(self, tensor: torch.Tensor, point: str, merged: dict):
@@ -117,7 +118,7 @@ class Tap:
         for key in [k for k, v in merged.items() if isinstance(v, torch.Tensor)]:
             value = merged.pop(key)
             if value.device == tensor.device and value.is_cuda:
-                tensors["meta:" + key] = value
+                tensors["meta:" + key] = value  # travels with the snapshot: no sync here
             else:
                 merged[key] = value.tolist()  # small host metadata (seq_lens, page_ids)
         return self.stager.stage(tensors)

@@ -1,31 +1,39 @@
 """Getting a tensor off the caller's hands without stalling it.
 
 CPU tensor:  one clone on the caller's thread (later in-place writes cannot change the record).
-CUDA tensor: one device-to-device clone on the caller's stream; the copy to pinned host
-             memory runs on a side stream, and the writer thread waits on its event.
-             The critical stream never waits for the host.
+CUDA tensor: one device-to-device clone on the caller's stream; that is all the caller pays per
+             point. When its records are handed over (scope exit), one event per stream marks
+             the clones done. The writer thread then orders a side stream after that event,
+             packs the batch's snapshots into one buffer, copies it to pinned host memory there
+             and waits for it: the critical stream never waits for the host, and the caller
+             issues no copy to it.
+
+The writer thread runs its CUDA calls in the relaxed stream-capture mode (as PyTorch's NCCL
+watchdog does), so that they cannot invalidate a CUDA-graph capture on the model's thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
 
 
 class Staged:
-    """Host tensors that become valid once `wait()` returns."""
+    """Snapshots of one record; `wait()` (writer thread) returns them on the host."""
 
-    __slots__ = ("tensors", "event")
+    __slots__ = ("tensors", "stream", "ready", "stager")
 
-    def __init__(self, tensors: dict[str, torch.Tensor], event=None):
+    def __init__(self, tensors: dict[str, torch.Tensor], stream=None, stager: "Stager | None" = None):
         self.tensors = tensors
-        self.event = event
+        self.stream = stream  # the caller's CUDA stream the clones were made on; None on the CPU
+        self.ready = None  # event after the clones, recorded when the record is handed over
+        self.stager = stager
 
     def wait(self) -> dict[str, torch.Tensor]:
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
+        if self.stream is not None:
+            self.stager.to_host(self)
         return self.tensors
 
     @property
@@ -34,35 +42,75 @@ class Staged:
 
 
 class Stager:
-    """Snapshots tensors: one side stream per CUDA device for the copies to the host."""
+    """Snapshots on the caller's side; copies to the host on the writer's side (one side stream per device)."""
 
     def __init__(self):
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
-        """Snapshot `tensors` (all on one device)."""
-        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        """Snapshot `tensors` (all on one device) on the caller's thread or stream."""
+        snaps = {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
+        device = next(iter(snaps.values())).device if snaps else torch.device("cpu")
         if device.type != "cuda":
-            return Staged({k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()})
-        return self._stage_cuda(tensors, device)
+            return Staged(snaps)
+        return Staged(snaps, torch.cuda.current_stream(device), self)
 
-    def _stage_cuda(self, tensors, device) -> Staged:
-        current = torch.cuda.current_stream(device)
-        snaps = {k: t.detach().clone(memory_format=torch.contiguous_format)
-                 for k, t in tensors.items()}  # device-to-device, on the caller's stream
-        side = self._side_stream(device)
-        side.wait_stream(current)
-        host = {}
-        with torch.cuda.stream(side):
-            for key, snap in snaps.items():
-                pinned = torch.empty(snap.shape, dtype=snap.dtype, pin_memory=True)
-                pinned.copy_(snap, non_blocking=True)
-                snap.record_stream(side)  # the snapshot stays alive until the side stream is done with it
-                host[key] = pinned
-            event = torch.cuda.Event()
-            event.record(side)
-        return Staged(host, event)
+    @staticmethod
+    def mark_ready(batch: list[Staged]) -> None:
+        """Caller side, when records are handed over: one event per stream, after every clone made on it."""
+        events: dict = {}
+        for staged in batch:
+            if staged.stream is not None and staged.ready is None:
+                event = events.get(staged.stream)
+                if event is None:
+                    event = events[staged.stream] = torch.cuda.Event()
+                    event.record(staged.stream)
+                staged.ready = event
+
+    def to_host(self, staged: Staged) -> dict[str, torch.Tensor]:
+        """Writer side: one record's snapshots on the host."""
+        self.batch_to_host([staged])
+        return staged.tensors
+
+    def batch_to_host(self, batch: list[Staged]) -> None:
+        """Writer side: the snapshots of many records to pinned host memory, one copy per device.
+
+        On a side stream ordered after the records' ready events: the byte views of every snapshot
+        are packed into one buffer (one kernel), copied to one pinned buffer, and waited for; each
+        record then gets views into it."""
+        by_device: dict[torch.device, list[Staged]] = {}
+        for staged in batch:
+            if staged.stream is not None:
+                by_device.setdefault(next(iter(staged.tensors.values())).device, []).append(staged)
+        if not by_device:
+            return
+        relax_capture_mode()
+        waits = []
+        for device, records in by_device.items():
+            side = self._side_stream(device)
+            for event in {id(r.ready): r.ready for r in records}.values():
+                side.wait_event(event)
+            snaps = [snap for r in records for snap in r.tensors.values()]
+            with torch.cuda.stream(side):
+                packed = torch.cat([snap.reshape(-1).view(torch.uint8) for snap in snaps])  # [bytes]
+                pinned = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+                pinned.copy_(packed, non_blocking=True)
+                for snap in snaps:
+                    snap.record_stream(side)  # made on the caller's stream, read on this one
+                done = torch.cuda.Event()
+                done.record(side)
+            waits.append((done, records, pinned))
+        for done, records, pinned in waits:
+            done.synchronize()
+            offset = 0
+            for r in records:
+                host = {}
+                for key, snap in r.tensors.items():
+                    n = snap.numel() * snap.element_size()
+                    host[key] = pinned[offset:offset + n].view(snap.dtype).view(snap.shape)
+                    offset += n
+                r.tensors, r.stream, r.ready = host, None, None
 
     def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -75,4 +123,35 @@ class Stager:
 
 def capturing_cuda_graph() -> bool:
     """True inside CUDA-graph capture, where host-side staging would not be replayed."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_current_stream_capturing()
+
+
+_relaxed = threading.local()
+_CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed
+
+
+def relax_capture_mode() -> None:
+    """Let this thread's CUDA calls (event waits, pinned allocations) coexist with a CUDA-graph
+    capture in progress on another thread: cudaThreadExchangeStreamCaptureMode(Relaxed), once."""
+    if getattr(_relaxed, "done", False):
+        return
+    _relaxed.done = True
+    function = _cudart_symbol("cudaThreadExchangeStreamCaptureMode")
+    if function is not None:
+        function(ctypes.byref(ctypes.c_int(_CAPTURE_MODE_RELAXED)))
+
+
+def _cudart_symbol(name: str):
+    """A CUDA runtime function from the libcudart this process loaded (torch's), or None."""
+    candidates = [None]
+    try:
+        with open("/proc/self/maps") as maps:
+            candidates += sorted({line.split()[-1] for line in maps if "libcudart" in line})
+    except OSError:
+        pass
+    for path in candidates:
+        try:
+            return getattr(ctypes.CDLL(path), name)
+        except (OSError, AttributeError):
+            continue
+    return None

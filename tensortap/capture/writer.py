@@ -46,6 +46,14 @@ class Job:
     full: bool
 
 
+@dataclass
+class _Batch:
+    """Jobs handed over together (a scope's records): one copy to the host for all of them."""
+
+    jobs: list
+    nbytes: int
+
+
 class _Marker:
     """Placed in the queue by flush()/close(): set when everything before it is on disk."""
 
@@ -209,22 +217,30 @@ class Writer:
 
     # -- caller side -------------------------------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs (one wake-up of the writer for all); dropped when the queue is full with on_full=drop."""
+        """Queue jobs as one batch (one wake-up, one copy to the host); with on_full=drop, what does not
+        fit is dropped and counted."""
         with self._cond:
+            batch, size = [], 0
             for job in jobs:
-                size = job.staged.nbytes
-                while self._queue and self._queued_bytes + size > self.queue_bytes and self.failed is None:
-                    if not self.block:
-                        break
+                need = job.staged.nbytes
+                while (self._queue or batch) and self._queued_bytes + size + need > self.queue_bytes \
+                        and self.failed is None and self.block:
+                    if batch:  # let the writer start on what is ready
+                        self._queue.append(_Batch(batch, size))
+                        self._queued_bytes += size
+                        batch, size = [], 0
                     self._cond.notify_all()
                     self._cond.wait()
                 if self.failed is not None:
                     self.counters.lost += 1
-                elif self._queue and self._queued_bytes + size > self.queue_bytes:
+                elif (self._queue or batch) and self._queued_bytes + size + need > self.queue_bytes:
                     self.counters.dropped += 1
                 else:
-                    self._queue.append(job)
-                    self._queued_bytes += size
+                    batch.append(job)
+                    size += need
+            if batch:
+                self._queue.append(_Batch(batch, size))
+                self._queued_bytes += size
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -248,14 +264,14 @@ class Writer:
         try:
             self.sink = self._make_sink()
         except Exception as exc:
-            self._fail(exc, with_record=False)
+            self._fail(exc, lost_now=0)
         while True:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
                 item = self._queue.popleft()
-                if isinstance(item, Job):
-                    self._queued_bytes -= item.staged.nbytes
+                if isinstance(item, _Batch):
+                    self._queued_bytes -= item.nbytes
                 self._cond.notify_all()
             if isinstance(item, _Marker):
                 self._marker(item)
@@ -263,16 +279,24 @@ class Writer:
                     return
                 continue
             if self.failed is not None:
-                self.counters.lost += 1
+                self.counters.lost += len(item.jobs)
                 continue
-            try:
-                host = item.staged.wait()
+            self._write_batch(item.jobs)
+
+    def _write_batch(self, jobs: list[Job]) -> None:
+        written = 0
+        try:
+            if jobs[0].staged.stager is not None:
+                jobs[0].staged.stager.batch_to_host([job.staged for job in jobs])
+            for job in jobs:
+                host = job.staged.wait()
                 data = host["data"]
-                self.sink.write(item.seq, _finish_meta(item, host), encode(data)[0], item.dtype, item.point, item.full)
+                self.sink.write(job.seq, _finish_meta(job, host), encode(data)[0], job.dtype, job.point, job.full)
+                written += 1
                 self.counters.records += 1
-                self.counters.bytes += data.nbytes if item.full else 0
-            except Exception as exc:  # disk full, permission, writer process gone: stop, never raise
-                self._fail(exc)
+                self.counters.bytes += data.nbytes if job.full else 0
+        except Exception as exc:  # disk full, permission, writer process gone: stop, never raise
+            self._fail(exc, lost_now=len(jobs) - written)
 
     def _marker(self, marker: _Marker) -> None:
         try:
@@ -282,22 +306,22 @@ class Writer:
                 else:
                     self.sink.flush()
         except Exception as exc:
-            self._fail(exc, with_record=False)
+            self._fail(exc, lost_now=0)
         finally:
             marker.done.set()
 
-    def _fail(self, exc: BaseException, with_record: bool = True) -> None:
-        """Stop capture: `with_record` when the record in hand is lost with it."""
+    def _fail(self, exc: BaseException, lost_now: int) -> None:
+        """Stop capture; `lost_now` records in hand are lost with it, and everything queued."""
         persisted = getattr(self.sink, "persisted", None)
         with self._cond:
             self.failed = exc
             if persisted is not None and persisted < self.counters.records:  # sent, but not written
                 self.counters.lost += self.counters.records - persisted
                 self.counters.records = persisted
-            pending = sum(1 for item in self._queue if isinstance(item, Job))
-            self._queue = collections.deque(item for item in self._queue if not isinstance(item, Job))
+            pending = sum(len(item.jobs) for item in self._queue if isinstance(item, _Batch))
+            self._queue = collections.deque(item for item in self._queue if not isinstance(item, _Batch))
             self._queued_bytes = 0
-            self.counters.lost += int(with_record) + pending
+            self.counters.lost += lost_now + pending
             self._cond.notify_all()
         where = self.sink.where if self.sink is not None else "the writer"
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
