@@ -69,7 +69,7 @@ DIFF = [
     new_code_cell("report.not_comparable"),
     new_markdown_cell("And what must agree across the ranks of one run:"),
     new_code_cell(
-        "from tensortap.diff import across_ranks, summarize_agreement\n"
+        "from tensortap.diffing import across_ranks, summarize_agreement\n"
         "pd.DataFrame(summarize_agreement(across_ranks(runs['dcp4'])))"),
 ]
 

@@ -20,7 +20,7 @@ import tempfile
 CHILD = """
 import json, resource, sys, time
 import tensortap
-from tensortap.diff import diff
+from tensortap.diffing import diff
 start = time.perf_counter()
 a, b = tensortap.open(sys.argv[1]), tensortap.open(sys.argv[2])
 report = diff(a, b)

@@ -42,7 +42,7 @@ def check(dump, **options):
 
 def diff(a, b, **options):
     """Compare two dumps (or paths); returns a `DiffReport` with the first divergence."""
-    from tensortap.diff import diff as run_diff
+    from tensortap.diffing import diff as run_diff
 
     return run_diff(a, b, **options)
 

@@ -76,17 +76,13 @@ def cache_tokens(fw: Forward) -> tuple[np.ndarray, np.ndarray]:
         meta = rec.meta
         block_size, n = int(meta["block_size"]), int(meta.get("kv_dcp_size") or 1)
         dcp_rank, interleave = int(meta.get("group_dcp_rank") or 0), int(meta.get("interleave") or 1)
-        page_ids = np.asarray(meta.get("page_ids", []), dtype=np.int64)  # [P]
-        page_of_block = np.full(max(int(table.max()), int(page_ids.max(initial=0))) + 1, -1)  # block id -> page index
-        page_of_block[page_ids] = np.arange(len(page_ids))
         for request, length in enumerate(meta.get("seq_lens") or []):
             positions = np.arange(length)  # [L]
             mine = positions[layout.owner(positions, n, interleave) == dcp_rank]  # [L_r]
             local = layout.local(mine, n, interleave)  # [L_r]
             blocks = local // block_size
             inside = blocks < table.shape[1]
-            page = page_of_block[table[request, blocks[inside]]]  # [M]
-            found = page >= 0
+            page, found = layout.page_lookup(meta.get("page_ids", []), table[request, blocks[inside]])  # [M], [M]
             keys.append(request * 2**32 + mine[inside][found])
             rows.append(pages[page[found], (local % block_size)[inside][found]])  # [M, 656]
     if not keys:

@@ -234,7 +234,7 @@ def diff_command(
     Exit code 0 when equal within tolerance, 1 when different, 2 on errors.
     """
     import tensortap
-    from tensortap.diff import across_ranks as check_across, diff, summarize_agreement
+    from tensortap.diffing import across_ranks as check_across, diff, summarize_agreement
     from tensortap.diff_render import render_agreement, render_diff
 
     if across_ranks:

@@ -1,10 +1,12 @@
 """Metrics of one tensor pair: values, index sets, or raw cache bytes.
 
 values   max abs diff (and where), max rel diff, relative L2 ||a - b|| / ||b||, cosine, and the count
-         of elements over tolerance (|a - b| > atol + rtol |b|; NaN against a number counts, NaN
-         against NaN does not)
+         of rows (last axis) over tolerance (tolerances.py: by norm; NaN against a number counts,
+         NaN against NaN does not)
 indices  per row, the sets of ids >= 0 (order and -1 padding ignored): Jaccard and rows that differ
-bytes    fp8_ds_mla cache rows compared byte for byte: tokens (656-byte rows) that differ
+bytes    fp8_ds_mla cache rows compared byte for byte: the tokens (656-byte rows) that differ are
+         counted; they count as different only when, dequantised, they are off by more than the
+         fp8 tolerance (a run with bf16 rounding differences re-quantises a few values one step apart)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tensortap.tolerances import Tolerance
+from tensortap.tolerances import Tolerance, tolerance
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Comparison:
     dtype_a: str = ""
     dtype_b: str = ""
     total: int = 0
-    over: int = 0  # elements (values), rows (indices) or tokens (bytes) that differ
+    over: int = 0  # rows over tolerance (values: last axis; indices: rows; bytes: tokens)
     max_abs: float = 0.0
     max_abs_at: list = field(default_factory=list)
     value_a: float | None = None
@@ -42,15 +44,15 @@ class Comparison:
 
 def compare_values(a: np.ndarray, b: np.ndarray, tol: Tolerance, dtype_a: str = "", dtype_b: str = "") -> Comparison:
     """a, b float64 of one shape."""
-    c = Comparison("values", True, a.shape, b.shape, dtype_a, dtype_b, total=int(a.size))
+    c = Comparison("values", True, a.shape, b.shape, dtype_a, dtype_b)
     if a.size == 0:
         return c
     same = (a == b) | (np.isnan(a) & np.isnan(b))  # [...]: equal infinities and NaN against NaN match
     with np.errstate(invalid="ignore"):
         diff = np.where(same, 0.0, np.abs(a - b))  # [...]
     diff = np.where(np.isnan(diff), np.inf, diff)
-    excess = np.where(same, -1.0, tol.excess(a, b))
-    c.over = int((excess > 0).sum())
+    over = tol.row_excess(a, b) > 0  # [rows]
+    c.total, c.over = int(over.size), int(over.sum())
     c.equal = c.over == 0
     flat = int(np.argmax(diff))
     c.max_abs = float(diff.flat[flat])
@@ -89,17 +91,24 @@ def compare_indices(a: np.ndarray, b: np.ndarray) -> Comparison:
 
 
 def compare_bytes(a: np.ndarray, b: np.ndarray) -> Comparison:
-    """a, b [..., row] uint8 (cache pages or token rows); rows that differ in any byte."""
+    """a, b [..., 656] uint8 fp8_ds_mla token rows (cache pages or tokens): byte-wise, then dequantised."""
+    from tensortap.analysis.oracle import TOKEN_BYTES, dequantize
+
     c = Comparison("bytes", True, a.shape, b.shape, "uint8", "uint8")
-    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [N, 656]
     differ = (rows_a != rows_b).any(axis=1)  # [N]
     c.total = int(differ.size)
     c.over = int(differ.sum())
-    c.equal = c.over == 0
     if c.over:
         first = int(np.flatnonzero(differ)[0])
         c.max_abs_at = [int(i) for i in np.unravel_index(first, a.shape[:-1])]
         c.note = f"{c.over} of {c.total} tokens differ ({int((rows_a != rows_b).sum())} bytes)"
+        if a.shape[-1] == TOKEN_BYTES:
+            off = tolerance("float8_e4m3fn").row_excess(dequantize(rows_a[differ]), dequantize(rows_b[differ])) > 0
+            c.equal = not off.any()
+            c.note += f"; {int(off.sum())} of them beyond the fp8 tolerance once dequantised"
+        else:
+            c.equal = False
     return c
 
 

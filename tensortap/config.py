@@ -117,10 +117,6 @@ class Filter:
             return False
         return True
 
-    @property
-    def keeps_everything(self) -> bool:
-        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
-
 
 @dataclass(frozen=True)
 class TapConfig:

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tensortap.compare import Comparison
-from tensortap.diff import Agreement, DiffReport, summarize_agreement
+from tensortap.diffing import Agreement, DiffReport, summarize_agreement
 
 
 def _describe(c: Comparison) -> str:
@@ -19,7 +19,7 @@ def _describe(c: Comparison) -> str:
         return c.note or "identical bytes"
     return (f"max |a-b| {c.max_abs:.3g} at {c.max_abs_at} (a={c.value_a:.6g}, b={c.value_b:.6g}); "
             f"max rel {c.max_rel:.3g}; rel L2 {c.rel_l2:.3g}; cosine {c.cosine:.6f}; "
-            f"{c.over} of {c.total} over tolerance")
+            f"{c.over} of {c.total} rows over tolerance")
 
 
 def render_diff(report: DiffReport, console: Console) -> None:

@@ -139,7 +139,7 @@ class Dump:
             raise FormatError(targets[0] if targets else "(nothing)", "holds no tensortap segments (*.tap.h5)",
                               "pass a directory written by TAP=...")
         pool = _ReaderPool(max_open_files)
-        metas, paths, segments = [], [], []
+        metas, paths, segments, starts = [], [], [], {}
         for file in files:
             try:
                 reader = SegmentReader(file)
@@ -151,11 +151,11 @@ class Dump:
                                             f"unreadable, no record survived ({exc.problem})"))
                 continue
             segments.append(reader.info)
+            starts[file] = int(reader.root.get("start_time_ns", 0) or 0)
             metas.extend(reader.metas)
             paths.extend([file] * len(reader.metas))
             reader.close()
-        order = sorted(range(len(metas)), key=lambda i: (metas[i].get("time_ns", 0), metas[i].get("rank", 0),
-                                                         metas[i].get("seq", 0)))
+        order = execution_order(metas, [starts.get(p, 0) for p in paths])
         return cls([metas[i] for i in order], [paths[i] for i in order], segments, pool)
 
     def close(self) -> None:
@@ -365,6 +365,20 @@ class Dump:
                         f"<td>{html.escape(', '.join(sub.roles))}</td><td>{human_bytes(sub.nbytes)}</td></tr>")
         head = "<tr><th>point</th><th>records</th><th>ranks</th><th>steps</th><th>layers</th><th>roles</th><th>bytes</th></tr>"
         return f"<p>{html.escape(repr(self))}</p><table>{head}{''.join(rows)}</table>"
+
+
+def execution_order(metas: list[dict], process_starts: list[int]) -> list[int]:
+    """Record indices in execution order, without trusting clocks across hosts: forwards (step, layer,
+    role, spec_pos) in the order the lowest rank ran them (by its record counter), then rank, then
+    the record counter. `process_starts` tells restarted processes of one rank apart."""
+    def forward(m):
+        return (m.get("step"), m.get("layer"), m.get("role"), m.get("spec_pos"))
+
+    by_rank = sorted(range(len(metas)), key=lambda i: (metas[i].get("rank", 0), process_starts[i], metas[i].get("seq", 0)))
+    first_seen: dict = {}
+    for i in by_rank:
+        first_seen.setdefault(forward(metas[i]), len(first_seen))
+    return sorted(by_rank, key=lambda i: first_seen[forward(metas[i])])
 
 
 def _sort_key(value):

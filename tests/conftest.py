@@ -66,6 +66,10 @@ def dumps(tmp_path_factory):
         "dcp2-i2-a2a": Scenario(dcp=2, interleave=2, backend="a2a", fixed=True, **SMALL),
         "dcp4": Scenario(fixed=True, **SMALL),
         "dcp4-i2-a2a": Scenario(interleave=2, backend="a2a", fixed=True, **SMALL),
+        "dcp4-bf16": Scenario(dtype="bfloat16", fixed=True, **SMALL),
+        "dcp1-bf16": Scenario(dcp=1, dtype="bfloat16", fixed=True, **SMALL),
+        "dcp2-fp16": Scenario(dcp=2, dtype="float16", fixed=True, **SMALL),
+        "short-prompts": Scenario(fixed=True, prompt_lens=(1, 2, 5), **SMALL),
     }
     paths = {}
     for name, scn in configs.items():

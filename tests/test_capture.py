@@ -182,6 +182,28 @@ def test_bad_calls_never_raise(tap_dir, caplog):
     assert len(tensortap.open(tap_dir)) == 1
 
 
+def test_bad_metadata_costs_one_record_not_the_capture(tap_dir, caplog):
+    tensortap.configure(dir=tap_dir)
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        tensortap.point("layers.0.attn.lse", torch.ones(2), step="warmup")
+        tensortap.point("layers.0.attn.lse", torch.ones(2, 1, 1, 1, 1, 1, 1, 1, 1))  # 9 dimensions
+        assert tensortap.wants("layers.0.attn.Not-A-Point") is False
+        tensortap.point("layers.0.attn.lse", torch.ones(2), step=1)
+    assert tensortap.flush(timeout=60)
+    counters = tensortap.stats()
+    tensortap.close()
+    assert counters["errors"] == 3 and counters["records"] == 1 and counters["lost"] == 0
+    assert tensortap.open(tap_dir).steps == [1]
+
+
+def test_the_name_layer_wins_over_the_scope(tap_dir):
+    tensortap.configure(dir=tap_dir, layers="3")
+    with tensortap.scope(layer=78, step=0):
+        tensortap.point("layers.3.attn.q", torch.ones(2))
+    tensortap.close()
+    assert tensortap.open(tap_dir).layers == [3]
+
+
 def test_drop_mode_counts_what_it_drops(tap_dir, monkeypatch):
     original = SegmentWriter.write
 

@@ -36,11 +36,40 @@ def test_bug_verdict_names_layer_role_ranks_heads_and_cause(dumps):
     assert not report.notes
 
 
-@pytest.mark.parametrize("name", ["dcp1", "dcp2-i2-a2a", "dcp4", "dcp4-i2-a2a"])
+@pytest.mark.parametrize("name", ["dcp1", "dcp2-i2-a2a", "dcp4", "dcp4-i2-a2a", "dcp4-bf16", "dcp2-fp16",
+                                  "short-prompts"])
 def test_clean_runs_have_no_findings(dumps, name):
     report = tensortap.check(dumps[name])
-    assert report.findings == [] and report.verdicts == [] and report.clean
-    assert not report.notes, report.notes
+    assert report.findings == [] and report.verdicts == [] and report.clean, [f.message for f in report.findings]
+    assert not report.notes and not report.errors, (report.notes, report.errors)
+
+
+def test_partial_outputs_of_ranks_that_hold_nothing_are_not_zero_heads(dumps):
+    """Prompts of 1, 2 and 5 tokens under DCP4: some ranks rightly hold no selected token."""
+    d = tensortap.open(dumps["short-prompts"]).select(point=["q", "topk", "slots", "partial_out", "lse"])
+    assert any((rec.tensor() == -1).all(dim=-1).any() for rec in d.iter(point="slots")), "lonely rows exist"
+    report = tensortap.check(d)
+    assert report.clean, [f.message for f in report.findings]
+
+
+def test_without_hidden_the_consensus_is_unverified(dumps):
+    d = tensortap.open(dumps["bug"]).select(point=["q", "topk", "partial_out", "lse"])  # the README's example TAP
+    report = tensortap.check(d)
+    assert [v.name for v in report.verdicts] == ["unverified consensus"]
+    assert "hidden was not captured" in report.verdicts[0].explanation
+
+
+def test_a_detector_that_breaks_makes_the_check_incomplete(dumps, monkeypatch, cli):
+    from tensortap import analysis
+
+    def broken(fw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(analysis.DETECTORS, "zero-heads", broken)
+    report = tensortap.check(dumps["dcp4"])
+    assert report.errors and "zero-heads" in report.errors[0] and not report.clean and report.exit_code == 2
+    code, out, _ = cli(["check", dumps["dcp4"]])
+    assert code == 2 and "check incomplete" in out
 
 
 def fires(path, code, **where):

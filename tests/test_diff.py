@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import tensortap
-from tensortap.diff import DiffError, across_ranks, diff
+from tensortap.diffing import DiffError, across_ranks, diff
 from tensortap.mla.scenario import Scenario, run_on_this_rank
 
 from corrupt import rewrite_meta, rewrite_tensor
@@ -75,6 +75,23 @@ def test_dcp4_against_dcp1_agrees_on_what_is_layout_invariant(dumps):
     assert "DCP layout" in report.not_comparable["partial_out"]
     kv = [p for p in report.pairs if p.point == "kv_pages"]
     assert all(p.comparison.total > 0 for p in kv), "cache tokens were found in both layouts"
+
+
+def test_bf16_runs_of_two_layouts_agree(dumps):
+    report = diff(dumps["dcp4-bf16"], dumps["dcp1-bf16"])
+    assert report.mode == "shard-aware" and report.equal, report.first and report.first.label
+
+
+def test_diff_can_be_called_again_after_the_module_is_imported(dumps):
+    import tensortap.diffing  # noqa: F401  (a submodule named diff would have shadowed the function)
+
+    assert tensortap.diff(dumps["dcp4"], dumps["dcp4"]).equal
+    assert tensortap.diff(dumps["dcp4"], dumps["dcp4"]).equal
+
+
+def test_a_selection_that_matches_nothing_is_an_error(dumps, cli):
+    code, _, err = cli(["diff", dumps["dcp4"], dumps["dcp4"], "--role-a", "verifier"])
+    assert code == 2 and "nothing to compare" in err
 
 
 def test_dcp4_against_the_bug_shows_where_it_breaks(dumps):

@@ -30,6 +30,29 @@ def test_cuda_capture_is_a_snapshot_and_bit_exact(tap_dir):
     assert torch.equal(d.get("partial_out"), torch.ones(2, 4, 8))
 
 
+def test_mixed_dtypes_in_one_scope_pack_aligned(tap_dir):
+    """One batch packs every snapshot into one buffer: odd sizes of every dtype must come back exact."""
+    tensortap.configure(dir=tap_dir)
+    tensors = {
+        "topk": torch.arange(7, dtype=torch.int32, device="cuda").view(1, 7) - 1,
+        "block_table": torch.arange(3, dtype=torch.int64, device="cuda").view(1, 3),
+        "kv_pages": torch.arange(5, dtype=torch.uint8, device="cuda").view(1, 1, 5),
+        "q": torch.randn(1, 3, 3, device="cuda").bfloat16(),
+        "lse": torch.randn(1, 5, device="cuda"),
+        "hidden": torch.randn(1, 3, device="cuda", dtype=torch.float64),
+        "slots": torch.tensor([[True, False, True]], device="cuda"),
+    }
+    with tensortap.scope(step=0, role="target"):
+        for point, t in tensors.items():
+            tensortap.point(f"layers.0.attn.{point}", t)
+    assert tensortap.stats()["errors"] == 0
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    for point, t in tensors.items():
+        back = d.get(point)
+        assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.cpu().view(torch.uint8)), point
+
+
 def test_cuda_stats_mode_computes_on_the_device(tap_dir):
     tensortap.configure(dir=tap_dir, mode="stats")
     out = torch.randn(2, 8, 512, device="cuda")

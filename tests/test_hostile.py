@@ -104,12 +104,31 @@ def test_dataset_declaring_terabytes(tmp_path, cli):
     def huge(group, f):
         group.create_dataset("q", shape=(1 << 20, 1 << 20), dtype="<f4", chunks=(64, 64))
 
-    path = forged_segment(str(tmp_path / "rank00000-x-1.00000.tap.h5.tmp"), huge)
-    with h5py.File(path, "r+") as f:  # make the metadata agree, so only the size check stands in the way
-        meta = json.loads(f["records/000000000000"].attrs["meta"])
-        meta["shape"] = [1 << 20, 1 << 20]
-        f["records/000000000000"].attrs["meta"] = json.dumps(meta)
+    path = forged_segment(str(tmp_path / "rank00000-x-1.00000.tap.h5.tmp"), huge)  # metadata says [4, 4]
     assert_refused(cli, ["show", path, "q"], path, "4.0 TiB")
+
+
+def test_metadata_declaring_terabytes(tmp_path, cli):
+    path = good_dump(str(tmp_path / "tap"))
+    with h5py.File(path, "r+") as f:  # a committed segment whose index lies about a record's shape
+        entries = list(f["index_meta"].asstr()[()])
+        meta = json.loads(entries[0])
+        meta["shape"] = [1 << 20, 1 << 20]
+        f["index_meta"][0] = json.dumps(meta)
+    assert_refused(cli, ["ls", path], path, "declares more than")
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("dtype", "foo", "unknown dtype"), ("time_ns", "x", "time_ns is not an integer"),
+    ("rank", [1], "rank is not an integer"), ("shape", [-1, 3], "invalid shape"),
+])
+def test_index_metadata_is_checked(tmp_path, cli, field, value, reason):
+    path = good_dump(str(tmp_path / "tap"))
+    with h5py.File(path, "r+") as f:
+        meta = json.loads(list(f["index_meta"].asstr()[()])[1])
+        meta[field] = value
+        f["index_meta"][1] = json.dumps(meta)
+    assert_refused(cli, ["ls", path], path, reason)
 
 
 def test_contiguous_dataset_larger_than_the_file(tmp_path, cli):

@@ -43,14 +43,19 @@ def check(dump, use_oracle: bool = True, progress: Callable[[Iterable], Iterable
         dump = Dump.open(dump)
     report = Report(records=len(dump))
     report.notes.extend(_dump_notes(dump))
-    agreements: dict[tuple, verdicts.Agreement] = defaultdict(verdicts.Agreement)
+    agreements: dict[tuple, verdicts.Consensus] = defaultdict(verdicts.Consensus)
     stream = forwards(dump)
     for fw in (progress(stream) if progress else stream):
+        if fw.duplicates:
+            report.notes.append(f"{fw.role} layer {fw.layer} step {fw.step}: {fw.duplicates} record(s) repeat a "
+                                f"(point, rank) already seen and were not analysed; give each pass its own "
+                                f"step or spec_pos")
         found = []
         for code, detector in DETECTORS.items():
-            found.extend(_guarded(code, detector, fw, report.notes))
+            found.extend(_guarded(code, detector, fw, report.errors))
         if use_oracle:
-            found.extend(_guarded("oracle-mismatch", lambda f: oracle.oracle_mismatch(f, report.notes), fw, report.notes))
+            found.extend(_guarded("oracle-mismatch", lambda f: oracle.oracle_mismatch(f, report.notes), fw,
+                                  report.errors))
         agreements[(fw.layer, fw.role)].note(fw.step, found, detectors.hidden_agreement(fw))
         report.findings.extend(found)
         report.bytes_read += fw.bytes_read
@@ -58,12 +63,12 @@ def check(dump, use_oracle: bool = True, progress: Callable[[Iterable], Iterable
     return report
 
 
-def _guarded(code: str, detector, fw: Forward, notes: list[str]) -> list[Finding]:
-    """A detector that breaks on a strange dump costs one note, not the whole report."""
+def _guarded(code: str, detector, fw: Forward, errors: list[str]) -> list[Finding]:
+    """A detector that breaks on a strange dump costs one error line (and exit code 2), not the report."""
     try:
         return detector(fw)
     except Exception as exc:  # noqa: BLE001
-        notes.append(f"detector {code} failed on {fw.role} layer {fw.layer} step {fw.step}: {type(exc).__name__}: {exc}")
+        errors.append(f"detector {code} failed on {fw.role} layer {fw.layer} step {fw.step}: {type(exc).__name__}: {exc}")
         return []
 
 

@@ -134,6 +134,9 @@ def topk_out_of_shard(fw: Forward) -> list[Finding]:
         topk, slots, meta = found
         requests = layout.rows_to_requests(meta, topk.shape[0])
         if requests is None:
+            findings.append(Finding("topk-out-of-shard", "info",
+                                    f"rank {rank}: not checked: {topk.shape[0]} query rows and no req_ids to map "
+                                    f"them to requests (record req_ids with the points)", ranks=[rank], **fw.where()))
             continue
         expected = layout.owned_slots(topk, requests, table, int(meta.get("block_size")), int(meta.get("kv_dcp_size") or 1),
                                       int(meta.get("group_dcp_rank") or 0), int(meta.get("interleave") or 1))  # [T, K]
@@ -190,16 +193,17 @@ def zero_heads(fw: Forward) -> list[Finding]:
     """Heads whose attention output is exactly zero although their query selected tokens.
 
     Attention over at least one token is a convex combination of latents: exactly zero only
-    when nothing was attended. Checked on the merged output (the partial one without merge
-    output), per (token, head)."""
+    when nothing was attended. Checked per (token, head) on the merged output, or on the
+    partial output where merged_out was not captured; a partial counts as having attended
+    something only where this rank consumed a slot (under DCP a rank holding none of the
+    selected tokens rightly outputs zero)."""
     point = "merged_out" if fw.ranks("merged_out") else "partial_out"
     zero_by_rank, heads, total = {}, set(), 0
     for rec in fw.records(point):
         out = fw.array(point, rec.rank)
-        if out is None or out.ndim != 3:
+        selected = _attended_rows(fw, rec.rank, point)  # [T] or None
+        if out is None or out.ndim != 3 or selected is None:
             continue
-        topk = fw.array("topk", rec.rank)
-        selected = (topk >= 0).any(axis=-1) if topk is not None else np.ones(out.shape[0], dtype=bool)  # [T]
         zero = ~np.any(out != 0, axis=-1) & selected[:, None]  # [T, H]
         if zero.any():
             offset = int(rec.meta.get("head_offset") or 0)
@@ -217,6 +221,18 @@ def zero_heads(fw: Forward) -> list[Finding]:
                     f"({len(heads_sorted)}{of}) although their queries selected tokens",
                     ranks=ranks, heads=heads_sorted, evidence={"zero_heads_per_rank": {str(r): n for r, n in zero_by_rank.items()},
                                                                 "num_heads": total, "point": point}, **fw.where())]
+
+
+def _attended_rows(fw: Forward, rank: int, point: str) -> np.ndarray | None:
+    """[T] bool: query rows whose output must not be zero; None when this cannot be told from the dump."""
+    if point == "partial_out":
+        slots = fw.array("slots", rank)
+        if slots is not None:
+            return (slots >= 0).any(axis=-1)
+        if int(fw.meta(rank).get("dcp_size") or 1) > 1:
+            return None
+    topk = fw.array("topk", rank)
+    return (topk >= 0).any(axis=-1) if topk is not None else None
 
 
 def rank_outlier(fw: Forward) -> list[Finding]:

@@ -62,15 +62,19 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # truncation, skipped checks: not findings
+    errors: list[str] = field(default_factory=list)  # detectors that broke: the check is incomplete
     records: int = 0
     bytes_read: int = 0
 
     @property
     def clean(self) -> bool:
-        return not any(f.severity in ("error", "warning") for f in self.findings)
+        return not self.errors and not any(f.severity in ("error", "warning") for f in self.findings)
 
     @property
     def exit_code(self) -> int:
+        """0 clean, 1 findings, 2 when a detector could not run (the check is incomplete)."""
+        if self.errors:
+            return 2
         return 0 if self.clean else 1
 
     def codes(self) -> set[str]:
@@ -85,6 +89,7 @@ class Report:
             "verdicts": [v.to_json() for v in self.verdicts],
             "findings": [f.to_json() for f in self.findings],
             "notes": self.notes,
+            "errors": self.errors,
             "records": self.records,
             "bytes_read": self.bytes_read,
         }

@@ -20,7 +20,13 @@ FORWARD_KEYS = ("step", "layer", "role", "spec_pos")
 class Forward:
     def __init__(self, key: tuple, records: Dump):
         self.step, self.layer, self.role, self.spec_pos = key
-        self._records: dict[tuple[str, int], Record] = {(rec.point, rec.rank): rec for rec in records.iter()}
+        self._records: dict[tuple[str, int], Record] = {}
+        self.duplicates = 0  # records of one (point, rank) beyond the first: no step/spec_pos tells them apart
+        for rec in records.iter():
+            if (rec.point, rec.rank) in self._records:
+                self.duplicates += 1
+                continue
+            self._records[(rec.point, rec.rank)] = rec
         self._cache: dict[tuple[str, int, str], np.ndarray] = {}
         self.bytes_read = 0
 

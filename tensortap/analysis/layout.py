@@ -5,7 +5,9 @@ Written from DESIGN section 3 and the facts file, independently of `tensortap.ml
     owner(t) = (t // I) % N        local(t) = (t // (N*I)) * I + t % I
     slot(t)  = block_table[req, local // bs] * bs + local % bs   (on the owner; -1 elsewhere)
 
-DCP groups are contiguous blocks of the TP group (TP4/DCP2: tp ranks [0,1] and [2,3]).
+Both forms of the slot (virtual blocks of bs*N tokens, or local index // bs) agree because the
+interleave I divides the block size, which vLLM asserts. DCP groups are contiguous blocks of
+the TP group (TP4/DCP2: tp ranks [0,1] and [2,3]).
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def owned_slots(topk: np.ndarray, rows_to_requests: np.ndarray, block_table: np.
     rows = block_table[rows_to_requests]  # [T, nb]
     base = np.take_along_axis(rows, np.minimum(block, block_table.shape[1] - 1), axis=1).astype(np.int64)  # [T, K]
     return np.where(mine & in_table, base * block_size + loc % block_size, -1)  # [T, K]
+
+
+def page_lookup(page_ids: np.ndarray, block_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each physical block id sits among a dump's `page_ids` ([M] index) and whether it is there ([M] bool)."""
+    page_ids = np.asarray(page_ids, dtype=np.int64)
+    if not len(page_ids):
+        return np.zeros(len(block_ids), dtype=np.int64), np.zeros(len(block_ids), dtype=bool)
+    order = np.argsort(page_ids)
+    at = np.minimum(np.searchsorted(page_ids[order], block_ids), len(page_ids) - 1)  # [M]
+    return order[at], (block_ids >= 0) & (page_ids[order][at] == block_ids)
 
 
 def rows_to_requests(meta: dict, rows: int) -> np.ndarray | None:

@@ -58,9 +58,14 @@ def render(report: Report, console: Console) -> None:
         console.print()
     for note in report.notes:
         console.print(Text("note ", style="cyan"), Text(note))
+    for error in report.errors:
+        console.print(Text("incomplete ", style="bold red"), Text(error))
     errors = sum(1 for f in report.findings if f.severity == "error")
     warnings = sum(1 for f in report.findings if f.severity == "warning")
-    if report.clean:
+    if report.errors:
+        console.print(Text(f"check incomplete: {len(report.errors)} detector run(s) failed; "
+                           f"{len(report.findings)} findings in {report.records} records", style="bold red"))
+    elif report.clean:
         console.print(Text(f"clean: no findings in {report.records} records", style="green"))
     else:
         console.print(f"{len(report.findings)} findings ({errors} errors, {warnings} warnings) in {report.records} "

@@ -4,6 +4,8 @@ laundered consensus: pre-all-reduce evidence is anomalous, yet the hidden state 
     row-parallel o_proj all-reduce is bit-identical on every rank, so every cross-rank check
     after it passes.
 divergent ranks: the same evidence, and the ranks disagree after the all-reduce too.
+unverified consensus: the same evidence, but `hidden` was not captured on two ranks or more:
+    whether the all-reduce laundered it cannot be told from this dump.
 """
 
 from __future__ import annotations
@@ -19,24 +21,30 @@ PRE_ALL_REDUCE = ("zero-heads", "empty-topk", "topk-out-of-shard", "lse-nonfinit
 
 
 @dataclass
-class Agreement:
-    """Per (layer, role): the steps with pre-all-reduce anomalies, and whether hidden agreed across ranks there."""
+class Consensus:
+    """Per (layer, role): the steps with pre-all-reduce anomalies, and what hidden did across ranks there."""
 
     anomalous_steps: set = field(default_factory=set)
     agreeing_steps: set = field(default_factory=set)
+    disagreeing_steps: set = field(default_factory=set)
     ranks_compared: int = 0
     ranks_agreeing: int = 0
 
     def note(self, step, found: list[Finding], agreement: tuple[int, int] | None) -> None:
+        """`agreement`: (ranks whose hidden equals their TP group's first, ranks compared), or None."""
         if not any(f.code in PRE_ALL_REDUCE and f.severity == "error" for f in found):
             return
         self.anomalous_steps.add(step)
-        if agreement is not None and agreement[0] == agreement[1]:
+        if agreement is None:
+            return  # hidden not captured (or on one rank): unknown
+        if agreement[0] == agreement[1]:
             self.agreeing_steps.add(step)
             self.ranks_agreeing, self.ranks_compared = agreement
+        else:
+            self.disagreeing_steps.add(step)
 
 
-def build(findings: list[Finding], agreements: dict[tuple, Agreement]) -> list[Verdict]:
+def build(findings: list[Finding], agreements: dict[tuple, Consensus]) -> list[Verdict]:
     by_place: dict[tuple, list[Finding]] = defaultdict(list)
     for f in findings:
         by_place[(f.layer, f.role)].append(f)
@@ -45,18 +53,24 @@ def build(findings: list[Finding], agreements: dict[tuple, Agreement]) -> list[V
         if not agreement.anomalous_steps:
             continue
         found = by_place[(layer, role)]
-        laundered = agreement.agreeing_steps == agreement.anomalous_steps
         steps = sorted(agreement.anomalous_steps, key=_step_key)
         what = _what_went_wrong(found, steps)
-        if laundered:
+        if agreement.disagreeing_steps:
+            name = "divergent ranks"
+            after = "the ranks' hidden states disagree after the all-reduce too (visible to cross-rank checks)"
+        elif agreement.agreeing_steps == agreement.anomalous_steps:
+            name = "laundered consensus"
             after = (f"the o_proj all-reduce makes hidden bit-identical on {agreement.ranks_agreeing}/"
                      f"{agreement.ranks_compared} ranks")
         else:
-            after = "the ranks' hidden states disagree after the all-reduce too (visible to cross-rank checks)"
+            name = "unverified consensus"
+            unknown = [s for s in steps if s not in agreement.agreeing_steps and s is not None]
+            after = (f"hidden was not captured on two ranks or more at steps {span(unknown) or '-'}: whether the "
+                     f"all-reduce laundered it is not in this dump (capture point hidden to tell)")
         cause = _cause(found)
         explanation = f"{role} layer {layer}: {what}; {after}" + (f"; cause: {cause}" if cause else "")
-        verdicts.append(Verdict("laundered consensus" if laundered else "divergent ranks", layer, role, explanation,
-                                sorted({f.code for f in found}), [s for s in steps if s is not None]))
+        verdicts.append(Verdict(name, layer, role, explanation, sorted({f.code for f in found}),
+                                [s for s in steps if s is not None]))
     return verdicts
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from contextvars import ContextVar
 
+import numpy as np
 import torch
 
 from tensortap.capture.identity import discover_rank, run_identity
@@ -33,6 +34,7 @@ log = logging.getLogger("tensortap")
 
 _scope: ContextVar[dict] = ContextVar("tensortap_scope", default={})
 PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
+MAX_NDIM = 8
 _NULL_SCOPE = contextlib.nullcontext()
 
 
@@ -70,12 +72,17 @@ class Tap:
             return
         layer_in_name, point = self._names.get(name) or self._parse_name(name)
         merged = {**_scope.get(), **meta} if meta else dict(_scope.get())
-        layer = merged.get("layer", layer_in_name)
+        # The point's own metadata wins, then the layer in its name, then the scope's.
+        layer = meta.get("layer", layer_in_name if layer_in_name is not None else merged.get("layer"))
+        merged["layer"] = layer
+        _check_indices(merged)
         rank, world_size = self.rank_and_world(merged)
         if not self.filter.keeps(point, layer, merged.get("step"), rank, merged.get("role")):
             return
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
+        if tensor.dim() > MAX_NDIM:
+            raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
         if tensor.is_cuda and capturing_cuda_graph():  # nothing host-side would be replayed
             self.counters.graph_skipped += 1
             self._warn_once("graph", "tensortap: tap points inside CUDA-graph capture are skipped (%s); "
@@ -177,11 +184,16 @@ class Tap:
             log.error(message, *args)
 
     def wants(self, name: str, meta: dict) -> bool:
-        layer_in_name, point = self._names.get(name) or self._parse_name(name)
-        merged = {**_scope.get(), **meta}
-        rank, _ = self.rank_and_world(merged)
-        return not self.budget_spent and self.filter.keeps(
-            point, merged.get("layer", layer_in_name), merged.get("step"), rank, merged.get("role"))
+        try:
+            layer_in_name, point = self._names.get(name) or self._parse_name(name)
+            merged = {**_scope.get(), **meta}
+            rank, _ = self.rank_and_world(merged)
+            layer = meta.get("layer", layer_in_name if layer_in_name is not None else merged.get("layer"))
+            return not self.budget_spent and self.filter.keeps(point, layer, merged.get("step"), rank, merged.get("role"))
+        except Exception as exc:  # never into the model's forward
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: wants(%r) failed (%s: %s)", name, type(exc).__name__, exc)
+            return False
 
     def flush(self, timeout: float | None = None) -> bool:
         self.submit_pending()
@@ -191,6 +203,14 @@ class Tap:
         self.submit_pending()
         if self.writer is not None:
             self.writer.close(timeout)
+
+
+def _check_indices(meta: dict) -> None:
+    """step, layer, spec_pos and rank are integers (or absent): the index and the filters rely on it."""
+    for key in ("step", "layer", "spec_pos", "rank"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"metadata {key}={value!r} is not an integer")
 
 
 def _make_sink(config: TapConfig, rank: int, identity: dict):
@@ -308,6 +328,12 @@ def _after_fork_in_child() -> None:
 
     _environment_rank.cache_clear()
     if _tap is not None:
+        sink = _tap.writer.sink if _tap.writer is not None else None
+        if isinstance(sink, ChildSink):  # else the parent's writer process never sees its input end
+            try:
+                os.close(sink._fd)
+            except OSError:
+                pass
         _tap = Tap(_tap.config)
 
 

@@ -93,7 +93,11 @@ class Stager:
                 side.wait_event(event)
             snaps = [snap for r in records for snap in r.tensors.values()]
             with torch.cuda.stream(side):
-                packed = torch.cat([snap.reshape(-1).view(torch.uint8) for snap in snaps])  # [bytes]
+                pieces = []
+                for snap in snaps:  # every snapshot starts 16-byte aligned: views of any dtype work on the host
+                    raw = snap.reshape(-1).view(torch.uint8)  # [n]
+                    pieces += [raw, torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device)]
+                packed = torch.cat(pieces)  # [bytes], one kernel
                 pinned = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
                 pinned.copy_(packed, non_blocking=True)
                 for snap in snaps:
@@ -109,7 +113,7 @@ class Stager:
                 for key, snap in r.tensors.items():
                     n = snap.numel() * snap.element_size()
                     host[key] = pinned[offset:offset + n].view(snap.dtype).view(snap.shape)
-                    offset += n
+                    offset += n + (-n % ALIGN)
                 r.tensors, r.stream, r.ready = host, None, None
 
     def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
@@ -126,6 +130,7 @@ def capturing_cuda_graph() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
+ALIGN = 16  # bytes: where each snapshot starts in a packed batch
 _relaxed = threading.local()
 _CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed
 

@@ -111,7 +111,8 @@ class ChildSink:
         self.persisted: int | None = None  # records the writer process had written when it failed
         self._flushed = threading.Condition()
         self._flush_id = self._acked = 0
-        self._closed = threading.Event()
+        self._closed = threading.Event()  # it answered the close
+        self._gone = threading.Event()  # its output ended: it exited
         self.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         close_fds=True, **self._popen_options())
         self._fd = self.process.stdin.fileno()
@@ -137,15 +138,15 @@ class ChildSink:
                 self.persisted, self.error = int(count), message
             elif text == "C":
                 self._closed.set()
-        self._closed.set()  # the writer process is gone
+        self._gone.set()
         with self._flushed:
             self._flushed.notify_all()
 
     def _check(self) -> None:
         if self.error is not None:
             raise OSError(self.error)
-        if self.process.poll() is not None and not self._closed.is_set():
-            raise OSError(f"the writer process exited with code {self.process.returncode}")
+        if (self._gone.is_set() or self.process.poll() is not None) and not self._closed.is_set():
+            raise OSError(f"the writer process exited (code {self.process.poll()})")
 
     def write(self, seq: int, meta: dict, array: np.ndarray, dtype: str, point: str, full: bool) -> None:
         self._check()
@@ -161,15 +162,17 @@ class ChildSink:
         write_frame(self._fd, dict(k="flush", id=self._flush_id))
         deadline = time.monotonic() + self.timeout
         with self._flushed:
-            while self._acked < self._flush_id and not self._closed.is_set():
+            while self._acked < self._flush_id and not self._gone.is_set():
                 if not self._flushed.wait(max(0.0, deadline - time.monotonic())):
                     raise OSError(f"the writer process did not flush within {self.timeout:.0f} s")
         self._check()
+        if self._acked < self._flush_id:
+            raise OSError("the writer process exited before it flushed")
 
     def close(self, attrs: dict) -> None:
         try:
             write_frame(self._fd, dict(k="close", attrs=attrs))
-            self._closed.wait(self.timeout)
+            self._gone.wait(self.timeout)  # it answers "C", then exits; or it died
         finally:
             self._shut()
         self._check()
@@ -244,8 +247,8 @@ class Writer:
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Block until every job submitted before this call is written and flushed."""
-        return self._wait_marker(_Marker(), timeout)
+        """Block until every job submitted before this call is written and flushed; False if capture failed."""
+        return self._wait_marker(_Marker(), timeout) and self.failed is None
 
     def close(self, timeout: float | None = None) -> None:
         self._wait_marker(_Marker(close=True), timeout)

@@ -93,8 +93,18 @@ class SegmentReader:
             raise FormatError(self.path, "index table is malformed", validate.NOT_A_DUMP_FIX)
         if len(index_meta) > self.root.get("records", len(index_meta)) or len(index_meta) > 10_000_000:
             raise FormatError(self.path, "index table is longer than the segment's record count")
-        raw = index_meta.asstr()[()]
-        return [validate.parse_json(self.path, text, f"index entry {i}") for i, text in enumerate(raw)]
+        # One entry at a time: entries of a hostile file could all point at one huge string, so the
+        # text read so far is bounded by the file's own size.
+        budget = os.path.getsize(self.path)
+        metas, strings = [], index_meta.asstr()
+        for i in range(len(index_meta)):
+            text = strings[i]
+            budget -= len(text)
+            if budget < 0:
+                raise FormatError(self.path, "index entries hold more text than the file has bytes")
+            meta = validate.parse_json(self.path, text, f"index entry {i}")
+            metas.append(validate.check_meta(self.path, meta, f"index entry {i}"))
+        return metas
 
     def _scan(self, records: h5py.Group) -> tuple[list[dict], str]:
         """Records of an uncommitted segment, in order, up to the first incomplete one."""
@@ -102,7 +112,7 @@ class SegmentReader:
         for name in sorted(records):
             try:
                 group = self._group(records, name)
-                meta = validate.parse_meta(self.path, group)
+                meta = validate.check_meta(self.path, validate.parse_meta(self.path, group), f"record {name}")
                 if meta.get("stored") and meta.get("point") not in group:
                     raise FormatError(self.path, f"record '{name}' lacks its tensor")
             except FormatError as exc:
@@ -169,7 +179,8 @@ class SegmentReader:
                 dataset = self._dataset(meta, schema.STATS_DATASET)
                 if dataset is None:
                     return None
-                validate.check_dataset(self.path, dataset, dataset.dtype if dataset.dtype.fields else None)
+                expected = schema.HEAD_STATS_DTYPE if dataset.dtype.fields else schema.ROW_STATS_DTYPE
+                validate.check_dataset(self.path, dataset, expected)
                 value = dataset[()]
             if value.dtype not in (schema.HEAD_STATS_DTYPE, schema.ROW_STATS_DTYPE):
                 raise FormatError(self.path, f"stats of record {meta.get('seq')} have dtype {value.dtype}")

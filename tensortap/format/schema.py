@@ -9,7 +9,7 @@ Inside a segment (HDF5, superblock of the 1.8 format so that a crashed file stil
 
     /                     attrs: tensortap_format=1, identity (host, pid, ...), config (JSON)
     /records/{seq:012d}   one group per record
-        attrs: meta       JSON: every metadata field of the record (see RECORD_FIELDS)
+        attrs: meta       JSON: every metadata field of the record (DESIGN section 3)
         <point>           the tensor; bfloat16 and float8 as raw bits with a `dtype` attribute
         _stats            capture-time stats (head stats [T, H] or valid-per-row [T]): an attribute
                           up to 32 KiB, a dataset beyond
@@ -72,19 +72,6 @@ INDEX_DTYPE = np.dtype(
         ("time_ns", "<i8"),
     ]
 )
-
-# Metadata fields the contract names (DESIGN section 3). Others are kept as they come.
-RECORD_FIELDS = (
-    "name", "point", "seq", "step", "layer", "role", "spec_pos", "rank", "world_size",
-    "tp_rank", "tp_size", "dcp_rank", "dcp_size", "group_dcp_rank", "group_dcp_size",
-    "kv_dcp_size", "interleave", "num_heads", "head_offset", "seq_lens", "local_seq_lens",
-    "kv_format", "block_size", "softmax_scale", "kv_lora_rank", "rope_dim", "time_ns",
-    "page_ids", "dtype", "shape", "stored", "stats", "dropped_before",
-)
-
-# Scalar stats every record carries (also columns of the index).
-SCALAR_STATS = ("nonfinite", "absmax", "zero_heads", "empty_rows")
-
 
 def segment_name(rank: int, host: str, pid: int, seg: int) -> str:
     safe_host = "".join(c if c.isalnum() or c in "._" else "_" for c in host)[:64] or "host"

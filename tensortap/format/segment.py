@@ -33,7 +33,7 @@ class PendingRecord:
     array: np.ndarray | None  # None in stats mode
     dtype: str
     shape: tuple[int, ...]
-    stats: dict = field(default_factory=dict)  # scalar stats (schema.SCALAR_STATS)
+    stats: dict = field(default_factory=dict)  # scalar stats (capture/stats.py)
     stats_array: np.ndarray | None = None  # per-(token, head) or per-row stats
 
     @property

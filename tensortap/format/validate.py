@@ -208,6 +208,41 @@ def parse_json(path: str, raw, what: str, kind: type = dict):
     return value
 
 
+_INT_FIELDS = ("seq", "step", "layer", "spec_pos", "rank", "world_size", "tp_rank", "tp_size", "dcp_rank",
+               "dcp_size", "group_dcp_rank", "group_dcp_size", "kv_dcp_size", "interleave", "num_heads",
+               "head_offset", "block_size", "kv_lora_rank", "rope_dim", "time_ns", "dropped_before")
+
+
+def check_meta(path: str, meta: dict, what: str) -> dict:
+    """A record's metadata against the schema: what the reader and the analyzer rely on is well formed."""
+    from tensortap.format.codecs import STORED
+
+    def bad(problem: str) -> FormatError:
+        return FormatError(path, f"{what}: {problem}", NOT_A_DUMP_FIX)
+
+    if not isinstance(meta.get("name"), str) or not POINT_NAME.fullmatch(str(meta.get("point", ""))):
+        raise bad("no valid name/point")
+    if meta.get("dtype") not in STORED:
+        raise bad(f"unknown dtype {meta.get('dtype')!r}")
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or len(shape) > schema.MAX_NDIM
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise bad(f"invalid shape {shape!r}")
+    if math.prod(shape) * STORED[meta["dtype"]][0].itemsize > schema.MAX_RECORD_BYTES:
+        raise bad(f"shape {shape} declares more than {human_bytes(schema.MAX_RECORD_BYTES)}")
+    for key in _INT_FIELDS:
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(f"{key} is not an integer ({value!r})")
+    if not isinstance(meta.get("seq"), int):
+        raise bad("no record number (seq)")
+    if meta.get("role") is not None and not isinstance(meta["role"], str):
+        raise bad(f"role is not a string ({meta['role']!r})")
+    if not isinstance(meta.get("stats", {}), dict):
+        raise bad("stats is not an object")
+    return meta
+
+
 def human_bytes(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if nbytes < 1024 or unit == "PiB":

@@ -85,7 +85,7 @@ def combine_a2a(out: torch.Tensor, lse: torch.Tensor, group, group_size: int) ->
     dist.all_to_all_single(recv_lse, send_lse, group=group)
     weights, _ = merge_weights(recv_lse)  # [N, T, H_tp]
     merged = torch.stack([scale_partial(recv_out[r], weights[r]) for r in range(group_size)]).sum(dim=0)  # [T, H_tp, D]
-    return merged.to(out.dtype)
+    return merged.to(out.dtype)  # [T, H_tp, D]
 
 
 def combine(out: torch.Tensor, lse: torch.Tensor, group, group_size: int, group_rank: int, backend: str):

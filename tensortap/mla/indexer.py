@@ -35,7 +35,7 @@ def shard_slots(req_ids: torch.Tensor, local_lens: torch.Tensor, block_table: to
     valid = local[None, :] < local_lens[:, None]  # [T, L]
     blocks = (local // block_size).clamp(max=block_table.shape[1] - 1)  # [L]
     slots = block_table[req_ids][:, blocks].long() * block_size + local % block_size  # [T, L]
-    return torch.where(valid, slots, -1), valid
+    return torch.where(valid, slots, -1), valid  # [T, L], [T, L]
 
 
 def select_topk(hidden: torch.Tensor, w_q: torch.Tensor, w_w: torch.Tensor, index_cache: PagedBuffer,
@@ -67,7 +67,7 @@ def _gather_candidates(scores: torch.Tensor, ids: torch.Tensor, group, group_siz
 def _global_topk(scores: torch.Tensor, ids: torch.Tensor, topk: int) -> torch.Tensor:
     """Best `topk` candidates per row: score descending, ties to the smaller id; -1 pads."""
     id_order = torch.argsort(torch.where(ids < 0, torch.iinfo(ids.dtype).max, ids), dim=-1, stable=True)  # [T, C]
-    scores, ids = torch.gather(scores, 1, id_order), torch.gather(ids, 1, id_order)  # sorted by id
+    scores, ids = torch.gather(scores, 1, id_order), torch.gather(ids, 1, id_order)  # [T, C], [T, C]: by id
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)  # [T, C]
     ids = torch.gather(ids, 1, order)  # [T, C]
     scores = torch.gather(scores, 1, order)  # [T, C]

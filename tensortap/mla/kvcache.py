@@ -60,18 +60,18 @@ class PagedBuffer:
 
     def __init__(self, num_blocks: int, block_size: int, width: int, dtype: torch.dtype, device="cpu"):
         self.block_size = block_size
-        self.data = torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
+        self.data = torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)  # [blocks, bs, width]
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Write rows [T, width] at slots [T]; slot -1 (another rank's token) is skipped."""
         keep = slots >= 0  # [T]
-        self.data.view(-1, self.data.shape[-1])[slots[keep].long()] = rows[keep].to(self.data.dtype)
+        self.data.view(-1, self.data.shape[-1])[slots[keep].long()] = rows[keep].to(self.data.dtype)  # [kept, width]
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows at slots [...] -> [..., width]; slot -1 reads zeros."""
         flat = self.data.view(-1, self.data.shape[-1])  # [num_blocks * bs, width]
         rows = flat[slots.clamp(min=0).long()]  # [..., width]
-        return torch.where((slots >= 0)[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        return torch.where((slots >= 0)[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))  # [..., width]
 
     def pages(self, page_ids: torch.Tensor) -> torch.Tensor:
         return self.data[page_ids.long()].clone()  # [P, bs, width]

@@ -222,7 +222,7 @@ class MLALayer:
         tensortap.point(name + "attn_out", attn_out, head_offset=self.first_head)
         partial = attn_out @ self.weights.w_o.reshape(-1, self.cfg.hidden_size)  # [T, C]
         tensortap.point(name + "o_proj_partial", partial)
-        hidden = partial.clone()
+        hidden = partial.clone()  # [T, C]
         if self.groups.tp_size > 1:
             dist.all_reduce(hidden, group=self.groups.tp_group)  # [T, C]: identical on every TP rank
         tensortap.point(name + "hidden", hidden)
@@ -236,7 +236,8 @@ class MLALayer:
             tp_rank=g.tp_rank, tp_size=g.tp_size, dcp_rank=self.dcp_rank, dcp_size=self.dcp_size,
             group_dcp_rank=meta.dcp_rank, group_dcp_size=meta.dcp_size, kv_dcp_size=meta.dcp_size,
             interleave=meta.interleave, num_heads=cfg.num_heads, seq_lens=meta.seq_lens_cpu,
-            local_seq_lens=meta.local_seq_lens_cpu, kv_format="fp8_ds_mla", block_size=cfg.block_size,
+            local_seq_lens=meta.local_seq_lens_cpu, req_ids=list(range(len(meta.seq_lens_cpu))),
+            kv_format="fp8_ds_mla", block_size=cfg.block_size,
             softmax_scale=cfg.softmax_scale, kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.rope_dim,
             dcp_comm_backend=self.backend,
         )

@@ -44,6 +44,11 @@ class Scenario:
     draft_layer: int = 78
     dtype: str = "float32"
 
+    def __post_init__(self):
+        if self.cfg.block_size % self.interleave:
+            raise ValueError(f"cp_kv_cache_interleave_size {self.interleave} must divide the block size "
+                             f"{self.cfg.block_size} (vLLM asserts it too)")
+
     @property
     def cfg(self) -> MLAConfig:
         return PRESETS[self.preset]

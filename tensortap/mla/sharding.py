@@ -25,7 +25,7 @@ def local_index(positions: torch.Tensor, dcp_size: int, interleave: int) -> torc
 def global_index(local: torch.Tensor, dcp_size: int, dcp_rank: int, interleave: int) -> torch.Tensor:
     """Global token id of local index `local` on `dcp_rank` (-1 stays -1)."""
     ids = (local // interleave) * (dcp_size * interleave) + dcp_rank * interleave + local % interleave  # [...]
-    return torch.where(local >= 0, ids, -1)
+    return torch.where(local >= 0, ids, -1)  # [...]
 
 
 def local_seq_lens(seq_lens: torch.Tensor, dcp_size: int, dcp_rank: int, interleave: int) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """`tensortap diff`: where two dumps first part ways, and by how much at every point.
 
+(The module is `diffing`, not `diff`: a submodule named `diff` would shadow `tensortap.diff()`.)
+
 Records are matched by (role, step, spec_pos, layer, point, rank); `role_a/role_b` and
 `layer_a/layer_b` pair different roles or layers (draft against target: the draft's spec_pos 0
 meets the target of the same step). When both runs share a TP/DCP layout, tensors are compared
@@ -23,7 +25,7 @@ from tensortap.config import POINTS
 from tensortap.dump import Dump, span
 from tensortap.errors import TapError
 from tensortap.format.schema import INDEX_POINTS
-from tensortap.tolerances import Tolerance, tolerance
+from tensortap.tolerances import Tolerance, looser
 
 
 class DiffError(TapError):
@@ -166,8 +168,7 @@ def _compare(ra, rb, a: np.ndarray | None, b: np.ndarray | None, point: str, tol
         return compare_indices(a.reshape(a.shape[0], -1) if a.ndim else a, b.reshape(b.shape[0], -1) if b.ndim else b)
     if point == "kv_pages":
         return compare_bytes(a, b)
-    loose = tol or max((tolerance(ra.dtype), tolerance(rb.dtype)), key=lambda t: t.rtol)
-    return compare_values(a, b, loose, ra.dtype, rb.dtype)
+    return compare_values(a, b, tol or looser(ra.dtype, rb.dtype), ra.dtype, rb.dtype)
 
 
 def _per_rank(fa: Forward, fb: Forward, point: str, tol) -> list[tuple[int | str, Comparison]]:
@@ -192,8 +193,8 @@ def _shard_aware(fa: Forward, fb: Forward, point: str, tol) -> Comparison | None
             return shape_mismatch(va.shape, vb.shape, "", "")
         both = pa[: vb.shape[1]] & pb[: va.shape[1]]  # heads both runs hold
         dtype_a, dtype_b = fa.records(point)[0].dtype, fb.records(point)[0].dtype
-        loose = tol or max((tolerance(dtype_a), tolerance(dtype_b)), key=lambda t: t.rtol)
-        return compare_values(va[:, : len(both)][:, both], vb[:, : len(both)][:, both], loose, dtype_a, dtype_b)
+        return compare_values(va[:, : len(both)][:, both], vb[:, : len(both)][:, both], tol or looser(dtype_a, dtype_b),
+                              dtype_a, dtype_b)
     if point in assemble.REPLICATED:
         va, vb = assemble.replicated(fa, point), assemble.replicated(fb, point)
         if va is None or vb is None:
@@ -217,18 +218,26 @@ def diff(a, b, role_a=None, role_b=None, layer_a=None, layer_b=None, steps=None,
     _check_same_model(A, B)
     tol = Tolerance(rtol if rtol is not None else 0.0, atol if atol is not None else 0.0) \
         if (rtol is not None or atol is not None) else None
-    pair_roles = role_a is not None or role_b is not None
+    role_a, role_b = role_a or role_b, role_b or role_a  # one side named: the same for both
+    if layer_a is None or layer_b is None:
+        layer_a = layer_b = layer_a if layer_a is not None else layer_b
+    pair_roles = role_a != role_b
     if pair_roles and layer_a is None and layer_b is None:
         layers_a, layers_b = A.select(role=role_a).layers, B.select(role=role_b).layers
         if len(layers_a) == 1 and len(layers_b) == 1 and layers_a != layers_b:  # the draft's MTP layer vs the target's
             layer_a, layer_b = layers_a[0], layers_b[0]
     fa = _forwards(A, role_a, layer_a, steps, points, pair_roles)
     fb = _forwards(B, role_b, layer_b, steps, points, pair_roles)
+    if not fa or not fb:
+        raise DiffError(f"nothing to compare: the selection matches {len(fa)} forwards of A and {len(fb)} of B")
+    if not set(fa) & set(fb):
+        raise DiffError(f"no forward of A matches one of B (A has {_describe(next(iter(fa.values())))}, "
+                        f"B has {_describe(next(iter(fb.values())))}); pair them with --role-a/--role-b or "
+                        f"--layer-a/--layer-b")
     report = DiffReport()
-    for key in fa:
-        if key not in fb:
-            report.only_a.append(_describe(fa[key]))
-    report.only_b = [_describe(fb[k]) for k in fb if k not in fa]
+    # Paired roles: the draft's later speculative passes have no counterpart in the target; not a difference.
+    report.only_a = [_describe(fa[k]) for k in fa if k not in fb and not (pair_roles and (k[1] or 0) > 0)]
+    report.only_b = [_describe(fb[k]) for k in fb if k not in fa and not (pair_roles and (k[1] or 0) > 0)]
     for key, wa in fa.items():
         wb = fb.get(key)
         if wb is None:
