@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 CHILD = """
 import json, resource, sys, time
@@ -42,15 +40,10 @@ def main() -> None:
     parser.add_argument("--dump", help="an existing dump (default: generate one)")
     parser.add_argument("--gib", type=float, default=2.0, help="size of the generated dump")
     args = parser.parse_args()
-    scratch = None
-    dump = args.dump
-    if dump is None:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bigdump import make
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bigdump import dumps
 
-        scratch = tempfile.mkdtemp(prefix="analyze-bench-")
-        dump = make(os.path.join(scratch, "dump"), args.gib)
-    try:
+    with dumps([args.dump], args.gib) as (dump,):
         print(f"{'check':<12} {'GiB':>6} {'records':>8} {'seconds':>8} {'MB/s':>7} {'read MB/s':>9} "
               f"{'peak RSS':>9} findings / verdict")
         for oracle in (False, True):
@@ -59,9 +52,6 @@ def main() -> None:
                   f"{r['seconds']:8.1f} {r['bytes'] / r['seconds'] / 1e6:7.0f} {r['read'] / r['seconds'] / 1e6:9.0f} "
                   f"{r['peak_rss'] / 2**20:7.0f}Mi {r['findings']} / {', '.join(r['verdicts']) or 'clean'}")
         print("targets: >= 200 MB/s without the oracle; peak RSS < 1 GiB")
-    finally:
-        if scratch:
-            shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ for. Every forward stays self-consistent, so the detectors and the oracle do rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -38,6 +39,26 @@ def make(out: str, gib: float, fixed: bool = False, steps: int = 2) -> str:
     seed.close()
     shutil.rmtree(seed_dir)
     return out
+
+
+@contextlib.contextmanager
+def dumps(given: list[str | None], gib: float):
+    """The dumps given, or, for any not given, generated copies of one fresh dump (removed afterwards)."""
+    if all(given):
+        yield list(given)
+        return
+    scratch = tempfile.mkdtemp(prefix="bench-")
+    try:
+        first = make(os.path.join(scratch, "dump0"), gib)
+        paths = []
+        for i, path in enumerate(given):
+            if path is None and i:
+                path = os.path.join(scratch, f"dump{i}")
+                shutil.copytree(first, path)
+            paths.append(path or first)
+        yield paths
+    finally:
+        shutil.rmtree(scratch)
 
 
 def main() -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 CHILD = """
 import json, resource, sys, time
@@ -36,26 +34,16 @@ def main() -> None:
     parser.add_argument("--b")
     parser.add_argument("--gib", type=float, default=2.0, help="size of each generated dump")
     args = parser.parse_args()
-    scratch = None
-    a, b = args.a, args.b
-    if a is None or b is None:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bigdump import make
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bigdump import dumps
 
-        scratch = tempfile.mkdtemp(prefix="diff-bench-")
-        a = make(os.path.join(scratch, "a"), args.gib)
-        b = os.path.join(scratch, "b")
-        shutil.copytree(a, b)
-    try:
+    with dumps([args.a, args.b], args.gib) as (a, b):
         result = subprocess.run([sys.executable, "-c", CHILD, a, b], check=True, capture_output=True, text=True)
         r = json.loads(result.stdout.strip().splitlines()[-1])
         print(f"{'GiB (A+B)':>9} {'pairs':>7} {'seconds':>8} {'MB/s':>7} {'read MB/s':>9} {'peak RSS':>9} equal")
         print(f"{r['bytes'] / 2**30:9.2f} {r['pairs']:7d} {r['seconds']:8.1f} {r['bytes'] / r['seconds'] / 1e6:7.0f} "
               f"{r['read'] / r['seconds'] / 1e6:9.0f} {r['peak_rss'] / 2**20:7.0f}Mi {r['equal']}")
         print("targets: >= 200 MB/s; peak RSS < 1 GiB")
-    finally:
-        if scratch:
-            shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ class LocalSink:
         self.segments.write(build_record(seq, meta, array, dtype, point, full))
 
     def flush(self) -> None:
-        pass  # every record is flushed as it is written
+        """Nothing left to do: SegmentWriter flushes the file after every record it writes."""
 
     def close(self, attrs: dict) -> None:
         self.segments.close_segment(attrs)
