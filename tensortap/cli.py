@@ -50,19 +50,9 @@ def _guarded(command):
 
 
 def _print_json(value) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=_json_default) + "\n")
+    from tensortap.capture.frames import as_json as jsonable
 
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
+    sys.stdout.write(json.dumps(jsonable(value), indent=2) + "\n")
 
 
 def _open(paths: List[Path]):

@@ -248,16 +248,11 @@ def rank_outlier(fw: Forward) -> list[Finding]:
         zero = [r for r, n in norms.items() if n == 0.0]
         far = [r for r, n in norms.items() if n and median and (n > 10 * median or n < median / 10)]
         evidence = {"share": {str(r): round(s, 4) for r, s in shares.items()}, "norm": {str(r): n for r, n in norms.items()}}
-        if zero:
-            findings.append(Finding("rank-outlier", "error",
-                                    f"ranks {span(zero)} contribute exactly zero to the o_proj all-reduce "
-                                    f"(shares {', '.join(f'{shares[r]:.2f}' for r in sorted(shares))})",
-                                    ranks=zero, evidence=evidence, **fw.where()))
-        if far:
-            findings.append(Finding("rank-outlier", "warning",
-                                    f"ranks {span(far)} contribute an order of magnitude off the median to the o_proj "
-                                    f"all-reduce (shares {', '.join(f'{shares[r]:.2f}' for r in sorted(shares))})",
-                                    ranks=far, evidence=evidence, **fw.where()))
+        listing = ", ".join(f"{shares[r]:.2f}" for r in sorted(shares))
+        for ranks, severity, how in ((zero, "error", "exactly zero"), (far, "warning", "an order of magnitude off the median")):
+            if ranks:
+                findings.append(Finding("rank-outlier", severity, f"ranks {span(ranks)} contribute {how} to the o_proj "
+                                        f"all-reduce (shares {listing})", ranks=ranks, evidence=evidence, **fw.where()))
     return findings
 
 

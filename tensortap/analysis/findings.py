@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SEVERITIES = ("error", "warning", "info")
 
 # code -> one line on what it catches (DESIGN section 6)
 CODES = {

@@ -66,18 +66,25 @@ class Tap:
             self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
                             type(exc).__name__, exc)
 
+    def _where(self, name: str, meta: dict) -> tuple[str, dict, int, int]:
+        """(point, metadata merged over the scope, rank, world size) of a call: the point's own metadata
+        wins, then the layer in its name, then the scope's."""
+        layer_in_name, point = self._names.get(name) or self._parse_name(name)
+        merged = {**_scope.get(), **meta}
+        merged["layer"] = meta.get("layer", layer_in_name if layer_in_name is not None else merged.get("layer"))
+        _check_indices(merged)
+        rank, world_size = self.rank_and_world(merged)
+        return point, merged, rank, world_size
+
+    def _keeps(self, point: str, merged: dict, rank: int) -> bool:
+        return self.filter.keeps(point, merged["layer"], merged.get("step"), rank, merged.get("role"))
+
     def _record(self, name: str, tensor, meta: dict) -> None:
         if self.writer is not None and self.writer.failed is not None:
             self.counters.lost += 1
             return
-        layer_in_name, point = self._names.get(name) or self._parse_name(name)
-        merged = {**_scope.get(), **meta} if meta else dict(_scope.get())
-        # The point's own metadata wins, then the layer in its name, then the scope's.
-        layer = meta.get("layer", layer_in_name if layer_in_name is not None else merged.get("layer"))
-        merged["layer"] = layer
-        _check_indices(merged)
-        rank, world_size = self.rank_and_world(merged)
-        if not self.filter.keeps(point, layer, merged.get("step"), rank, merged.get("role")):
+        point, merged, rank, world_size = self._where(name, meta)
+        if not self._keeps(point, merged, rank):
             return
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
@@ -91,16 +98,15 @@ class Tap:
         nbytes = tensor.numel() * tensor.element_size() if self.full else 0  # what reaches the disk
         if self._over_budget(nbytes):
             return
-        staged = self._stage(tensor, point, merged)
+        staged = self._stage(tensor, merged)
         merged.update(
-            name=name, point=point, layer=layer, rank=rank, world_size=merged.get("world_size", world_size),
+            name=name, point=point, rank=rank, world_size=merged.get("world_size", world_size),
             seq=next(self._seq), time_ns=time.time_ns(), dtype=dtype_name(tensor.dtype),
             shape=list(tensor.shape), dropped_before=self.counters.dropped,
         )
-        job = Job(merged["seq"], merged, staged, merged["dtype"], tuple(tensor.shape), point, self.full)
         self._writer(rank, world_size)
         pending = self._pending()
-        pending.append(job)
+        pending.append(Job(merged, staged, self.full))
         if not _scope.get() or len(pending) >= PENDING_JOBS:
             self.submit_pending()
 
@@ -118,7 +124,7 @@ class Tap:
             Stager.mark_ready([job.staged for job in pending])
             self.writer.submit(pending)
 
-    def _stage(self, tensor: torch.Tensor, point: str, merged: dict):
+    def _stage(self, tensor: torch.Tensor, merged: dict):
         """Snapshot the tensor (stats mode too: its stats are computed from the host copy, off the
         caller's thread: one copy costs the caller less than a dozen small reductions)."""
         tensors = {"data": tensor}
@@ -174,7 +180,7 @@ class Tap:
                 if self.writer is None:
                     identity = run_identity(rank, world_size)
                     identity["config"] = self.config.to_json_dict()
-                    self.writer = Writer(functools.partial(_make_sink, self.config, rank, identity),
+                    self.writer = Writer(functools.partial(_make_sink, self.config, rank, identity), self.stager,
                                          self.config.queue_bytes, self.config.on_full, self.counters)
         return self.writer
 
@@ -185,11 +191,8 @@ class Tap:
 
     def wants(self, name: str, meta: dict) -> bool:
         try:
-            layer_in_name, point = self._names.get(name) or self._parse_name(name)
-            merged = {**_scope.get(), **meta}
-            rank, _ = self.rank_and_world(merged)
-            layer = meta.get("layer", layer_in_name if layer_in_name is not None else merged.get("layer"))
-            return not self.budget_spent and self.filter.keeps(point, layer, merged.get("step"), rank, merged.get("role"))
+            point, merged, rank, _ = self._where(name, meta)
+            return not self.budget_spent and self._keeps(point, merged, rank)
         except Exception as exc:  # never into the model's forward
             self.counters.errors += 1
             self._warn_once("error", "tensortap: wants(%r) failed (%s: %s)", name, type(exc).__name__, exc)

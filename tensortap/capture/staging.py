@@ -21,20 +21,14 @@ import torch
 
 
 class Staged:
-    """Snapshots of one record; `wait()` (writer thread) returns them on the host."""
+    """Snapshots of one record: on the host once `Stager.to_host` has run on its batch."""
 
-    __slots__ = ("tensors", "stream", "ready", "stager")
+    __slots__ = ("tensors", "stream", "ready")
 
-    def __init__(self, tensors: dict[str, torch.Tensor], stream=None, stager: "Stager | None" = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], stream=None):
         self.tensors = tensors
         self.stream = stream  # the caller's CUDA stream the clones were made on; None on the CPU
         self.ready = None  # event after the clones, recorded when the record is handed over
-        self.stager = stager
-
-    def wait(self) -> dict[str, torch.Tensor]:
-        if self.stream is not None:
-            self.stager.to_host(self)
-        return self.tensors
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +48,7 @@ class Stager:
         device = next(iter(snaps.values())).device if snaps else torch.device("cpu")
         if device.type != "cuda":
             return Staged(snaps)
-        return Staged(snaps, torch.cuda.current_stream(device), self)
+        return Staged(snaps, torch.cuda.current_stream(device))
 
     @staticmethod
     def mark_ready(batch: list[Staged]) -> None:
@@ -68,12 +62,7 @@ class Stager:
                     event.record(staged.stream)
                 staged.ready = event
 
-    def to_host(self, staged: Staged) -> dict[str, torch.Tensor]:
-        """Writer side: one record's snapshots on the host."""
-        self.batch_to_host([staged])
-        return staged.tensors
-
-    def batch_to_host(self, batch: list[Staged]) -> None:
+    def to_host(self, batch: list[Staged]) -> None:
         """Writer side: the snapshots of many records to pinned host memory, one copy per device.
 
         On a side stream ordered after the records' ready events: the byte views of every snapshot

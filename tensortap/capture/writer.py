@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tensortap.capture.frames import build_record, write_frame
-from tensortap.capture.staging import Staged
+from tensortap.capture.frames import as_json, build_record, write_frame
+from tensortap.capture.staging import Staged, Stager
 from tensortap.format.codecs import encode
 from tensortap.format.segment import SegmentWriter
 
@@ -37,13 +37,9 @@ log = logging.getLogger("tensortap")
 class Job:
     """A record on its way to disk."""
 
-    seq: int
-    meta: dict  # metadata; tensor values travel in `staged` as "meta:<key>"
+    meta: dict  # metadata (seq, point, dtype, ...); tensor values travel in `staged` as "meta:<key>"
     staged: Staged  # "data" (the snapshot) and "meta:*"
-    dtype: str
-    shape: tuple[int, ...]
-    point: str
-    full: bool
+    full: bool  # the tensor is stored, not only its stats
 
 
 @dataclass
@@ -205,7 +201,8 @@ def _grow_pipe(fd: int, size: int) -> None:
 class Writer:
     """Owns the bounded queue and the thread that drains it into a sink."""
 
-    def __init__(self, make_sink, queue_bytes: int, on_full: str, counters: Counters):
+    def __init__(self, make_sink, stager: Stager, queue_bytes: int, on_full: str, counters: Counters):
+        self.stager = stager
         self.queue_bytes = queue_bytes
         self.block = on_full == "block"
         self.counters = counters
@@ -289,12 +286,12 @@ class Writer:
     def _write_batch(self, jobs: list[Job]) -> None:
         written = 0
         try:
-            if jobs[0].staged.stager is not None:
-                jobs[0].staged.stager.batch_to_host([job.staged for job in jobs])
+            self.stager.to_host([job.staged for job in jobs])
             for job in jobs:
-                host = job.staged.wait()
+                host = job.staged.tensors
                 data = host["data"]
-                self.sink.write(job.seq, _finish_meta(job, host), encode(data)[0], job.dtype, job.point, job.full)
+                self.sink.write(job.meta["seq"], _finish_meta(job, host), encode(data)[0], job.meta["dtype"],
+                                job.meta["point"], job.full)
                 written += 1
                 self.counters.records += 1
                 self.counters.bytes += data.nbytes if job.full else 0
@@ -348,21 +345,6 @@ def _finish_meta(job: Job, host: dict) -> dict:
         if key.startswith("meta:"):
             meta[key[5:]] = tensor.tolist()
     return meta
-
-
-def as_json(value):
-    """Metadata values -> JSON-able Python (numpy scalars, tuples, arrays)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [as_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): as_json(v) for k, v in value.items()}
-    return str(value)
 
 
 def child_sink_env() -> dict:

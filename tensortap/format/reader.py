@@ -123,26 +123,27 @@ class SegmentReader:
         return metas, "not closed (writer killed or still running); every flushed record is kept"
 
     # -- tensors ---------------------------------------------------------------------------
-    def _group(self, records: h5py.Group, name: str) -> h5py.Group:
-        link = records.get(name, getlink=True)
+    def _member(self, parent: h5py.Group, name: str, kind: type):
+        """parent[name] if it is a hard link to a `kind`; None if absent; refused otherwise."""
+        link = parent.get(name, getlink=True)
+        if link is None:
+            return None
         if not isinstance(link, h5py.HardLink):
-            raise FormatError(self.path, f"record '{name}' is missing or not a hard link")
-        group = records[name]
-        if not isinstance(group, h5py.Group):
-            raise FormatError(self.path, f"record '{name}' is not a group")
+            raise FormatError(self.path, f"'{parent.name}/{name}' is not a hard link; refusing to follow it")
+        member = parent[name]
+        if not isinstance(member, kind):
+            raise FormatError(self.path, f"'{parent.name}/{name}' is not a {kind.__name__.lower()}")
+        return member
+
+    def _group(self, records: h5py.Group, name: str) -> h5py.Group:
+        group = self._member(records, name, h5py.Group)
+        if group is None:
+            raise FormatError(self.path, f"record '{name}' is missing")
         return group
 
     def _dataset(self, meta: dict, name: str) -> h5py.Dataset | None:
         group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(int(meta["seq"])))
-        link = group.get(name, getlink=True)
-        if link is None:
-            return None
-        if not isinstance(link, h5py.HardLink):
-            raise FormatError(self.path, f"'{group.name}/{name}' is not a hard link; refusing to follow it")
-        dataset = group[name]
-        if not isinstance(dataset, h5py.Dataset):
-            raise FormatError(self.path, f"'{group.name}/{name}' is not a dataset")
-        return dataset
+        return self._member(group, name, h5py.Dataset)
 
     def read_array(self, meta: dict) -> np.ndarray:
         """The record's stored array (raw bits for bf16/fp8), checked against its metadata."""
