@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 import tensortap
+from tensortap.format import schema
 from tensortap.distributed import spawn
 from tensortap.mla.scenario import Scenario, run_rank
 
@@ -32,7 +33,7 @@ def make(out: str, gib: float, fixed: bool = False, steps: int = 2) -> str:
     for copy in range(copies):
         for rec in seed.iter():
             meta = {k: v for k, v in rec.meta.items()
-                    if k not in ("name", "point", "seq", "time_ns", "dtype", "shape", "stored", "stats", "dropped_before")}
+                    if k not in schema.SYSTEM_FIELDS}
             meta["step"] = rec.step + copy * steps
             tensortap.point(rec.name, rec.tensor(), **meta)
     tensortap.close()

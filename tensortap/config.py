@@ -16,106 +16,14 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from tensortap.errors import TapConfigError
+from tensortap.vocab import POINTS, ROLES, Filter, IntSet  # noqa: F401  (re-exported: the TAP grammar's names)
 
-# The tap points of the contract (DESIGN section 3), in the order the reference emits them.
-POINTS = (
-    "block_table",
-    "q",
-    "topk",
-    "slots",
-    "kv_pages",
-    "partial_out",
-    "lse",
-    "merged_out",
-    "attn_out",
-    "o_proj_partial",
-    "hidden",
-)
-ROLES = ("target", "draft")
 MODES = ("full", "stats")
 ON_FULL = ("block", "drop")
 COMPRESSIONS = ("none", "lzf", "gzip")
 WRITERS = ("process", "thread")
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-@dataclass(frozen=True)
-class IntSet:
-    """Inclusive integer ranges, e.g. ``0,78`` or ``100-140``. Empty ranges mean 'all'."""
-
-    ranges: tuple[tuple[int, int], ...]
-
-    def __contains__(self, value: int) -> bool:
-        return any(lo <= value <= hi for lo, hi in self.ranges)
-
-    def __str__(self) -> str:
-        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
-
-    @classmethod
-    def parse(cls, key: str, text: str) -> "IntSet":
-        ranges = []
-        for item in text.split(","):
-            item = item.strip()
-            m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", item)
-            if not m:
-                raise TapConfigError(
-                    f"TAP key '{key}': '{item}' is not an integer or an inclusive range a-b; "
-                    f"write e.g. {key}=0,3,10-20"
-                )
-            lo = int(m.group(1))
-            hi = int(m.group(2)) if m.group(2) is not None else lo
-            if hi < lo:
-                raise TapConfigError(f"TAP key '{key}': range '{item}' ends before it starts; write {hi}-{lo}")
-            ranges.append((lo, hi))
-        return cls(tuple(ranges))
-
-    @classmethod
-    def of(cls, key: str, value) -> "IntSet":
-        """From a TAP string, an int, or an iterable of ints (the Python side of configure)."""
-        if isinstance(value, IntSet):
-            return value
-        if isinstance(value, bool):
-            raise TapConfigError(f"TAP key '{key}': expected integers, got {value!r}")
-        if isinstance(value, int):
-            return cls(((value, value),))
-        if isinstance(value, str):
-            return cls.parse(key, value)
-        if isinstance(value, range) and value.step == 1 and len(value):
-            return cls(((value.start, value.stop - 1),))
-        try:
-            values = [int(v) for v in value]
-        except (TypeError, ValueError):
-            raise TapConfigError(f"TAP key '{key}': expected integers or ranges, got {value!r}") from None
-        return cls(tuple((v, v) for v in values))
-
-
-@dataclass(frozen=True)
-class Filter:
-    """Which records to keep: one filter type, used by capture and by the reader alike.
-
-    `None` in a field means 'all'. A record that lacks a field that is filtered on
-    (say, no step in its scope while `steps=` is set) is not kept.
-    """
-
-    layers: IntSet | None = None
-    steps: IntSet | None = None
-    ranks: IntSet | None = None
-    points: frozenset[str] | None = None
-    roles: frozenset[str] | None = None
-
-    def keeps(self, point: str, layer, step, rank, role) -> bool:
-        if self.points is not None and point not in self.points:
-            return False
-        if self.roles is not None and role not in self.roles:
-            return False
-        if self.layers is not None and (layer is None or layer not in self.layers):
-            return False
-        if self.steps is not None and (step is None or step not in self.steps):
-            return False
-        if self.ranks is not None and (rank is None or rank not in self.ranks):
-            return False
-        return True
 
 
 @dataclass(frozen=True)

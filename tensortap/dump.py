@@ -19,7 +19,7 @@ import numpy as np
 
 from tensortap.config import filter_from
 from tensortap.errors import FormatError, SelectionError
-from tensortap.format import codecs
+from tensortap.format import codecs, schema
 from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_sidecar
 from tensortap.format.validate import human_bytes
 
@@ -29,10 +29,7 @@ _COLUMNS_FIRST = ["name", "point", "step", "layer", "role", "spec_pos", "rank", 
                   "shape", "dtype", "nbytes", "stored", "nonfinite", "absmax", "zero_heads", "empty_rows"]
 
 
-_INT_COLUMNS = {"step", "layer", "spec_pos", "rank", "world_size", "tp_rank", "tp_size", "dcp_rank", "dcp_size",
-                "group_dcp_rank", "group_dcp_size", "kv_dcp_size", "interleave", "num_heads", "head_offset",
-                "nonfinite", "zero_heads", "empty_rows", "nan", "posinf", "neginf", "block_size",
-                "kv_lora_rank", "rope_dim"}
+_INT_COLUMNS = set(schema.INT_FIELDS) | set(schema.INT_STATS)
 
 
 class Record:

@@ -28,7 +28,8 @@ from tensortap.config import TapConfig, from_mapping, parse_tap
 from tensortap.errors import TapConfigError
 from tensortap.format.codecs import dtype_name
 from tensortap.format.segment import SegmentWriter
-from tensortap.format.validate import POINT_NAME
+from tensortap.format import schema
+from tensortap.vocab import split_name
 
 log = logging.getLogger("tensortap")
 
@@ -152,18 +153,8 @@ class Tap:
 
     # -- helpers -------------------------------------------------------------------------------
     def _parse_name(self, name: str) -> tuple[int | None, str]:
-        parts = name.split(".")
-        point = parts[-1]
-        if not POINT_NAME.fullmatch(point):
-            raise ValueError(f"tap point name {name!r} must end in a lowercase identifier, e.g. layers.3.attn.lse")
-        layer = None
-        if len(parts) > 2 and parts[0] == "layers":
-            try:
-                layer = int(parts[1])
-            except ValueError:
-                layer = None
-        self._names[name] = (layer, point)
-        return layer, point
+        self._names[name] = parsed = split_name(name)
+        return parsed
 
     def rank_and_world(self, merged: dict) -> tuple[int, int]:
         if self._rank is None:
@@ -212,8 +203,11 @@ def _check_indices(meta: dict) -> None:
     """step, layer, spec_pos and rank are integers (or absent): the index and the filters rely on it."""
     for key in ("step", "layer", "spec_pos", "rank"):
         value = meta.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-            raise ValueError(f"metadata {key}={value!r} is not an integer")
+        if isinstance(value, np.integer):
+            meta[key] = value = int(value)
+        problem = schema.field_problem(key, value)
+        if problem is not None:
+            raise ValueError(f"metadata {problem}")
 
 
 def _make_sink(config: TapConfig, rank: int, identity: dict):

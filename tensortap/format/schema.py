@@ -19,7 +19,12 @@ Inside a segment (HDF5, superblock of the 1.8 format so that a crashed file stil
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
+
+from tensortap import vocab
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -37,29 +42,92 @@ MAX_RECORD_BYTES = 64 << 30
 MAX_META_CHARS = 64 << 20
 MAX_NDIM = 8
 
-# Points whose dimension 1 is heads: [T, H, D] tensors and the [T, H] LSE.
-HEAD_POINTS = ("q", "partial_out", "merged_out")
-LSE_POINTS = ("lse",)
-# Points holding token indices with -1 padding: [T, K].
-INDEX_POINTS = ("topk", "slots")
+# The point groups live in the one vocabulary module; re-exported for the format's users.
+HEAD_POINTS, LSE_POINTS, INDEX_POINTS = vocab.HEAD_POINTS, vocab.LSE_POINTS, vocab.INDEX_POINTS
 
 # Stats arrays up to this size are an attribute of the record's group (cheaper than a dataset).
 STATS_ATTR_MAX_BYTES = 32 << 10
 HEAD_STATS_DTYPE = np.dtype([("norm", "<f4"), ("zeros", "<i4")])
 ROW_STATS_DTYPE = np.dtype("<i4")
 
-# Fields the index table holds for each record, in addition to the full JSON metadata.
+
+
+# -- the record schema: every metadata field a record may carry, defined once ----------------------
+@dataclass(frozen=True)
+class Field:
+    """One metadata field of a record.
+
+    kind:    int | float | str | bool | ints (list of int) | list (JSON list) | dict (JSON object)
+    system:  set by the capture runtime, not by the caller (a caller's value is replaced)
+    choices: the valid values of a str field (empty: any string)
+    index:   its column dtype in the segment's index table, if it has one (-1 / "" when absent)
+    """
+
+    name: str
+    kind: str
+    system: bool = False
+    choices: tuple = ()
+    index: str | None = None
+
+
+RECORD_FIELDS = (
+    # identity of the record (system)
+    Field("seq", "int", system=True, index="<i8"),
+    Field("name", "str", system=True, index="S128"),
+    Field("point", "str", system=True, index="S32"),
+    Field("dtype", "str", system=True, index="S16"),
+    Field("shape", "ints", system=True),
+    Field("time_ns", "int", system=True, index="<i8"),
+    Field("run_id", "str", system=True),
+    Field("stored", "bool", system=True),
+    Field("stats", "dict", system=True),
+    Field("dropped_before", "int", system=True, index="<i8"),
+    # where in the run (scope)
+    Field("step", "int", index="<i8"),
+    Field("layer", "int", index="<i4"),
+    Field("role", "str", choices=vocab.ROLES, index="S16"),
+    Field("spec_pos", "int", index="<i4"),
+    Field("phase", "str", choices=vocab.PHASES, index="S8"),
+    Field("req_ids", "list"),
+    Field("graph", "int"),
+    Field("num_tokens", "int"),
+    # parallel layout: as the layer believes it, as the process group says, as the cache writer used it
+    Field("rank", "int", index="<i4"),
+    Field("world_size", "int"),
+    Field("tp_rank", "int"),
+    Field("tp_size", "int"),
+    Field("dcp_rank", "int"),
+    Field("dcp_size", "int"),
+    Field("group_dcp_rank", "int"),
+    Field("group_dcp_size", "int"),
+    Field("kv_dcp_size", "int"),
+    Field("interleave", "int"),
+    Field("dcp_comm_backend", "str"),
+    Field("dcp_q_replicate", "bool"),
+    # attention: what an oracle needs to recompute it
+    Field("num_heads", "int"),
+    Field("head_offset", "int"),
+    Field("seq_lens", "ints"),
+    Field("local_seq_lens", "ints"),
+    Field("page_ids", "ints"),
+    Field("kv_format", "str"),
+    Field("block_size", "int"),
+    Field("softmax_scale", "float"),
+    Field("kv_lora_rank", "int"),
+    Field("rope_dim", "int"),
+    Field("lse_base", "str", choices=vocab.LSE_BASES),
+    Field("hidden_kind", "str", choices=vocab.HIDDEN_KINDS),
+)
+FIELDS = {f.name: f for f in RECORD_FIELDS}
+INT_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.kind == "int")
+SYSTEM_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.system)
+# Integer stats every record's `stats` may carry (capture/stats), as readers show them.
+INT_STATS = ("nonfinite", "nan", "posinf", "neginf", "zero_heads", "empty_rows")
+
+# The index table: the indexed fields, then what the writer derives from the stored array and its stats.
 INDEX_DTYPE = np.dtype(
-    [
-        ("seq", "<i8"),
-        ("step", "<i8"),
-        ("layer", "<i4"),
-        ("spec_pos", "<i4"),
-        ("rank", "<i4"),
-        ("role", "S16"),
-        ("point", "S32"),
-        ("name", "S128"),
-        ("dtype", "S16"),
+    [(f.name, f.index) for f in RECORD_FIELDS if f.index is not None]
+    + [
         ("ndim", "<i4"),
         ("shape", "<i8", (MAX_NDIM,)),
         ("nbytes", "<i8"),
@@ -68,10 +136,67 @@ INDEX_DTYPE = np.dtype(
         ("absmax", "<f8"),
         ("zero_heads", "<i4"),
         ("empty_rows", "<i4"),
-        ("dropped_before", "<i8"),
-        ("time_ns", "<i8"),
     ]
 )
+
+
+def field_problem(key: str, value) -> str | None:
+    """Why `value` is not valid for metadata field `key` (None when it is, or the key is not in the
+    schema: extra keys are kept as the caller gave them, if JSON can carry them)."""
+    field = FIELDS.get(key)
+    if value is None or field is None:
+        return None
+    kind = field.kind
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind == "str":
+        ok = isinstance(value, str) and (not field.choices or value in field.choices)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "ints":
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif kind == "list":
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, dict)
+    if ok:
+        return None
+    expected = f"one of {', '.join(field.choices)}" if field.choices else {
+        "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+        "ints": "a list of integers", "list": "a list", "dict": "an object"}[kind]
+    return f"{key} is not {expected} ({value!r})"
+
+
+def index_row(meta: dict, shape: tuple, nbytes: int, stored: bool, stats: dict) -> tuple:
+    """One row of the index table (INDEX_DTYPE) for a record with JSON metadata `meta`."""
+    row = []
+    for f in RECORD_FIELDS:
+        if f.index is None:
+            continue
+        value = meta.get(f.name)
+        if f.index.startswith("S"):
+            row.append(str(value if value is not None else "").encode()[: int(f.index[1:])])
+        else:
+            row.append(-1 if value is None else int(value))
+    dims = list(shape)[:MAX_NDIM]
+    row += [
+        len(shape),
+        dims + [0] * (MAX_NDIM - len(dims)),
+        nbytes,
+        1 if stored else 0,
+        int(stats.get("nonfinite", 0)),
+        float(stats.get("absmax", 0.0)),
+        int(stats.get("zero_heads", -1)),
+        int(stats.get("empty_rows", -1)),
+    ]
+    return tuple(row)
+
+
+def declared_nbytes(shape, dtype_itemsize: int) -> int:
+    return math.prod(shape) * dtype_itemsize
+
 
 def segment_name(rank: int, host: str, pid: int, seg: int) -> str:
     safe_host = "".join(c if c.isalnum() or c in "._" else "_" for c in host)[:64] or "host"

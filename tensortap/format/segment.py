@@ -220,32 +220,5 @@ def _write_array_attr(location, name: str, data: np.ndarray) -> None:
 
 
 def _index_row(rec: PendingRecord) -> tuple:
-    meta = rec.meta
-    shape = list(rec.shape)[: schema.MAX_NDIM] + [0] * (schema.MAX_NDIM - min(len(rec.shape), schema.MAX_NDIM))
-    stats = rec.stats
-    return (
-        rec.seq,
-        _int(meta.get("step")),
-        _int(meta.get("layer")),
-        _int(meta.get("spec_pos")),
-        _int(meta.get("rank")),
-        str(meta.get("role") or "").encode()[:16],
-        str(meta["point"]).encode()[:32],
-        str(meta["name"]).encode()[:128],
-        rec.dtype.encode(),
-        len(rec.shape),
-        shape,
-        int(np.prod(rec.shape, dtype=np.int64)) * STORED[rec.dtype][0].itemsize,
-        1 if rec.array is not None else 0,
-        int(stats.get("nonfinite", 0)),
-        float(stats.get("absmax", 0.0)),
-        int(stats.get("zero_heads", -1)),
-        int(stats.get("empty_rows", -1)),
-        int(meta.get("dropped_before", 0)),
-        int(meta.get("time_ns", 0)),
-    )
-
-
-def _int(value) -> int:
-    return -1 if value is None else int(value)
-
+    nbytes = int(np.prod(rec.shape, dtype=np.int64)) * STORED[rec.dtype][0].itemsize
+    return schema.index_row(rec.meta, tuple(rec.shape), nbytes, rec.array is not None, rec.stats)

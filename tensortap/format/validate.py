@@ -12,17 +12,16 @@ import io
 import json
 import math
 import os
-import re
 
 import h5py
 import numpy as np
 
 from tensortap.errors import FormatError
 from tensortap.format import schema
+from tensortap.vocab import POINT_NAME  # noqa: F401  (re-exported)
 
 # HDF5 filter ids: deflate (gzip), shuffle, fletcher32, lzf.
 ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
-POINT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 NOT_A_DUMP_FIX = "pass a directory or file written by TAP=... or tensortap.configure()"
 
 
@@ -208,11 +207,6 @@ def parse_json(path: str, raw, what: str, kind: type = dict):
     return value
 
 
-_INT_FIELDS = ("seq", "step", "layer", "spec_pos", "rank", "world_size", "tp_rank", "tp_size", "dcp_rank",
-               "dcp_size", "group_dcp_rank", "group_dcp_size", "kv_dcp_size", "interleave", "num_heads",
-               "head_offset", "block_size", "kv_lora_rank", "rope_dim", "time_ns", "dropped_before")
-
-
 def check_meta(path: str, meta: dict, what: str) -> dict:
     """A record's metadata against the schema: what the reader and the analyzer rely on is well formed."""
     from tensortap.format.codecs import STORED
@@ -230,16 +224,12 @@ def check_meta(path: str, meta: dict, what: str) -> dict:
         raise bad(f"invalid shape {shape!r}")
     if math.prod(shape) * STORED[meta["dtype"]][0].itemsize > schema.MAX_RECORD_BYTES:
         raise bad(f"shape {shape} declares more than {human_bytes(schema.MAX_RECORD_BYTES)}")
-    for key in _INT_FIELDS:
-        value = meta.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise bad(f"{key} is not an integer ({value!r})")
-    if not isinstance(meta.get("seq"), int):
+    for key, value in meta.items():
+        problem = schema.field_problem(key, value)
+        if problem is not None:
+            raise bad(problem)
+    if not isinstance(meta.get("seq"), int) or isinstance(meta.get("seq"), bool):
         raise bad("no record number (seq)")
-    if meta.get("role") is not None and not isinstance(meta["role"], str):
-        raise bad(f"role is not a string ({meta['role']!r})")
-    if not isinstance(meta.get("stats", {}), dict):
-        raise bad("stats is not an object")
     return meta
 
 
