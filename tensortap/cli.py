@@ -50,7 +50,7 @@ def _guarded(command):
 
 
 def _print_json(value) -> None:
-    from tensortap.capture.frames import as_json as jsonable
+    from tensortap.text import as_json as jsonable
 
     sys.stdout.write(json.dumps(jsonable(value), indent=2) + "\n")
 
@@ -69,8 +69,8 @@ def ls_command(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ):
     """List what a dump holds: ranks, steps, layers, roles, points, bytes, dropped and truncated records."""
-    from tensortap.dump import span
-    from tensortap.format.validate import human_bytes
+    from tensortap.text import span
+    from tensortap.text import human_bytes
 
     d = _open(dumps)
     summary = d.summary()
@@ -225,7 +225,7 @@ def diff_command(
     """
     import tensortap
     from tensortap.diffing import across_ranks as check_across, diff, summarize_agreement
-    from tensortap.diff_render import render_agreement, render_diff
+    from tensortap.diffing.render import render_agreement, render_diff
 
     if across_ranks:
         if b is not None:
@@ -344,7 +344,7 @@ def demo_command(
 
 def _print_demo(run) -> None:
     import tensortap
-    from tensortap.format.validate import human_bytes
+    from tensortap.text import human_bytes
 
     d = tensortap.open(run.out)
     out.print(f"captured {len(d)} records, {human_bytes(d.nbytes)}, from {len(d.ranks)} ranks in {run.seconds:.1f} s: "

@@ -21,7 +21,7 @@ from tensortap.config import filter_from
 from tensortap.errors import FormatError, SelectionError
 from tensortap.format import codecs, schema
 from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_sidecar
-from tensortap.format.validate import human_bytes
+from tensortap.text import human_bytes, span
 
 _FILTER_KEYS = ("point", "step", "layer", "role", "rank")
 _COLUMNS_FIRST = ["name", "point", "step", "layer", "role", "spec_pos", "rank", "world_size", "tp_rank", "tp_size",
@@ -380,23 +380,6 @@ def execution_order(metas: list[dict], process_starts: list[int]) -> list[int]:
 
 def _sort_key(value):
     return (0, value) if isinstance(value, (int, float)) else (1, str(value))
-
-
-def span(values: list) -> str:
-    """[0, 1, 2, 3, 7] -> '0-3,7'."""
-    if not values:
-        return "-"
-    if not all(isinstance(v, int) for v in values):
-        return ",".join(map(str, values))
-    parts, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)
 
 
 def _describe(point, filters: dict) -> str:

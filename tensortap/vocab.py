@@ -35,7 +35,7 @@ HIDDEN_KINDS = ("sum", "post_norm")
 LSE_BASES = ("e", "2")
 
 # One forward of one layer on one rank: records sharing these keys belong together.
-FORWARD_KEYS = ("role", "step", "spec_pos", "layer")
+FORWARD_KEYS = ("step", "layer", "role", "spec_pos")
 
 # Point groups, by the layout of their tensor.
 HEAD_POINTS = ("q", "partial_out", "merged_out")  # [T, H, D]: dimension 1 is heads

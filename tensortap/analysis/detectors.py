@@ -9,7 +9,7 @@ import numpy as np
 from tensortap.analysis import layout
 from tensortap.analysis.findings import Finding
 from tensortap.analysis.forward import Forward
-from tensortap.dump import span
+from tensortap.text import span
 from tensortap.format import schema
 
 

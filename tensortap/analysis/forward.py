@@ -13,8 +13,7 @@ import numpy as np
 from tensortap.analysis import layout
 from tensortap.dump import Dump, Record
 from tensortap.format.codecs import FLOAT_NAMES
-
-FORWARD_KEYS = ("step", "layer", "role", "spec_pos")
+from tensortap.vocab import FORWARD_KEYS  # noqa: F401  (re-exported)
 
 
 class Forward:

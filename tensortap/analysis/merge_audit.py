@@ -17,7 +17,7 @@ import numpy as np
 
 from tensortap.analysis.findings import Finding
 from tensortap.analysis.forward import Forward
-from tensortap.dump import span
+from tensortap.text import span
 from tensortap.tolerances import tolerance
 
 

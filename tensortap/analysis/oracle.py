@@ -18,7 +18,7 @@ import numpy as np
 from tensortap.analysis import layout
 from tensortap.analysis.findings import Finding
 from tensortap.analysis.forward import Forward
-from tensortap.dump import span
+from tensortap.text import span
 from tensortap.format.codecs import FP8_VALUES, to_float
 from tensortap.tolerances import tolerance
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tensortap.analysis.findings import Finding, Report
-from tensortap.dump import span
+from tensortap.text import span
 
 STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from tensortap.analysis.findings import Finding, Verdict
-from tensortap.dump import span
+from tensortap.text import span
 
 PRE_ALL_REDUCE = ("zero-heads", "empty-topk", "topk-out-of-shard", "lse-nonfinite", "merge-mismatch", "no-merge",
                   "query-divergence", "rank-outlier", "oracle-mismatch", "nonfinite")

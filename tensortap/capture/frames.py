@@ -33,21 +33,6 @@ def build_record(seq: int, meta: dict, array: np.ndarray, dtype: str, point: str
                          None if full else stats_array)
 
 
-def as_json(value):
-    """Metadata and reports -> JSON-able Python (numpy scalars and arrays, tuples, sets; anything else as text)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple, set)):
-        return [as_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): as_json(v) for k, v in value.items()}
-    return str(value)
-
-
 def write_frame(fd: int, header: dict, payload: np.ndarray | None = None) -> None:
     """Write one frame to a file descriptor (os.write releases the GIL while the pipe is full)."""
     data = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()

@@ -14,6 +14,7 @@ import time
 
 from tensortap.capture.frames import build_record, read_frame
 from tensortap.format.segment import SegmentWriter
+from tensortap.text import one_line
 
 
 def serve(stdin, stdout) -> int:
@@ -61,10 +62,6 @@ def serve(stdin, stdout) -> int:
     if failed is None:
         segments.close_segment()
     return 0
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def main() -> None:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tensortap.capture.frames import as_json, build_record, write_frame
+from tensortap.capture.frames import build_record, write_frame
 from tensortap.capture.staging import Staged, Stager
 from tensortap.format.codecs import encode
 from tensortap.format.segment import SegmentWriter
+from tensortap.text import as_json
 
 log = logging.getLogger("tensortap")
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from tensortap.errors import FormatError
 from tensortap.format import schema
+from tensortap.text import human_bytes
 from tensortap.vocab import POINT_NAME  # noqa: F401  (re-exported)
 
 # HDF5 filter ids: deflate (gzip), shuffle, fletcher32, lzf.
@@ -233,9 +234,3 @@ def check_meta(path: str, meta: dict, what: str) -> dict:
     return meta
 
 
-def human_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if nbytes < 1024 or unit == "PiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes} B"

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tensortap.compare import Comparison
+from tensortap.diffing.compare import Comparison
 from tensortap.diffing import Agreement, DiffReport, summarize_agreement
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from tensortap.analysis import layout
 from tensortap.analysis.forward import Forward
 
-HEAD_POINTS = ("q", "merged_out", "attn_out")
+HEAD_OFFSET_POINTS = ("q", "merged_out", "attn_out")  # reassembled from their ranks by head_offset
 REPLICATED = ("hidden", "topk")
 NOT_INVARIANT = {
     "partial_out": "each rank's partial output covers its own KV shard, so it depends on the DCP layout "

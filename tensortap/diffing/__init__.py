@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tensortap import assemble
+from tensortap.diffing import assemble
 from tensortap.analysis.forward import FORWARD_KEYS, Forward
-from tensortap.compare import Comparison, compare_bytes, compare_indices, compare_values, shape_mismatch
-from tensortap.config import POINTS
-from tensortap.dump import Dump, span
+from tensortap.diffing.compare import Comparison, compare_bytes, compare_indices, compare_values, shape_mismatch
+from tensortap.vocab import POINTS
+from tensortap.dump import Dump
+from tensortap.text import span
 from tensortap.errors import TapError
-from tensortap.format.schema import INDEX_POINTS
+from tensortap.vocab import INDEX_POINTS
 from tensortap.tolerances import Tolerance, looser
 
 
@@ -184,7 +185,7 @@ def _per_rank(fa: Forward, fb: Forward, point: str, tol) -> list[tuple[int | str
 
 
 def _shard_aware(fa: Forward, fb: Forward, point: str, tol) -> Comparison | None:
-    if point in assemble.HEAD_POINTS:
+    if point in assemble.HEAD_OFFSET_POINTS:
         ha, hb = assemble.heads(fa, point), assemble.heads(fb, point)
         if ha is None or hb is None:
             return None
