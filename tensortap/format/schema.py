@@ -140,6 +140,16 @@ INDEX_DTYPE = np.dtype(
 )
 
 
+# -- root attributes of a segment that readers rely on (the rest are kept as written) ----------------
+# The writer's running loss totals, kept current at each flush point (a crashed segment has them too).
+LOSS_TOTALS = ("records_total", "bytes_total", "dropped_total", "over_budget_total", "lost_total", "errors_total",
+               "graph_skipped_total")
+ROOT_INTS = ("tensortap_format", "segment", "opened_ns", "closed_ns", "records", "pid", "ppid", "writer_pid",
+             "start_time_ns", "rank", "world_size") + LOSS_TOTALS
+ROOT_STRS = ("host", "run_id")
+ROOT_JSON = {"config": dict, "versions": dict, "argv": list}  # stored as JSON text
+
+
 def field_problem(key: str, value) -> str | None:
     """Why `value` is not valid for metadata field `key` (None when it is, or the key is not in the
     schema: extra keys are kept as the caller gave them, if JSON can carry them)."""
