@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from tensortap.errors import FormatError, SelectionError, TapConfigError, TapError  # noqa: E402
 
-_CAPTURE = ("close", "configure", "current_config", "enabled", "flush", "point", "scope", "stats", "wants")
+_CAPTURE = ("capturing", "close", "configure", "current_config", "enabled", "flush", "point", "scope", "stats", "wants")
 
 
 def __getattr__(name: str):
@@ -52,6 +52,7 @@ __all__ = [
     "SelectionError",
     "TapConfigError",
     "TapError",
+    "capturing",
     "check",
     "close",
     "configure",

@@ -22,6 +22,8 @@ MODES = ("full", "stats")
 ON_FULL = ("block", "drop")
 COMPRESSIONS = ("none", "lzf", "gzip")
 WRITERS = ("process", "thread")
+# Flight-recorder triggers (docs/flight-recorder.md), evaluated on each record's device stats.
+TRIGGERS = ("zero-heads", "nonfinite", "empty-topk", "lse-nonfinite")
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -40,6 +42,11 @@ class TapConfig:
     segment_bytes: int = 2 << 30
     queue_bytes: int = 1 << 30
     writer: str = "process"
+    trigger: frozenset = frozenset()  # TRIGGERS that arm the flight recorder; empty: off
+    ring: int = 0  # steps of full tensors kept on the device before a trigger
+    ring_bytes: int = 1 << 30
+    trigger_steps: int = 8  # steps captured in full after a trigger
+    graph_bytes: int = 2 << 30  # device memory for CUDA-graph slots
 
     def to_json_dict(self) -> dict:
         f = self.filter
@@ -58,6 +65,11 @@ class TapConfig:
             "segment_bytes": self.segment_bytes,
             "queue_bytes": self.queue_bytes,
             "writer": self.writer,
+            "trigger": sorted(self.trigger) or None,
+            "ring": self.ring,
+            "ring_bytes": self.ring_bytes,
+            "trigger_steps": self.trigger_steps,
+            "graph_bytes": self.graph_bytes,
         }
 
 
@@ -76,6 +88,11 @@ VALID_KEYS = (
     "segment_bytes",
     "queue_bytes",
     "writer",
+    "trigger",
+    "ring",
+    "ring_bytes",
+    "trigger_steps",
+    "graph_bytes",
 )
 
 
@@ -142,7 +159,23 @@ def from_mapping(keys: Mapping[str, object]) -> TapConfig:
             changes[key] = parse_size(key, keys[key])
     if keys.get("segment_records") is not None:
         changes["segment_records"] = parse_size("segment_records", keys["segment_records"])
+    if keys.get("trigger") is not None:
+        changes["trigger"] = _names("trigger", keys["trigger"], TRIGGERS)
+    for key in ("ring_bytes", "graph_bytes"):
+        if keys.get(key) is not None:
+            changes[key] = parse_size(key, keys[key])
+    for key in ("ring", "trigger_steps"):
+        if keys.get(key) is not None:
+            changes[key] = _count(key, keys[key])
     return dataclasses.replace(config, **changes)
+
+
+def _count(key: str, value) -> int:
+    """A non-negative step count (ring=4, trigger_steps=8)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise TapConfigError(f"TAP key '{key}': '{value}' is not a step count; write e.g. {key}=4")
+    return int(text)
 
 
 def parse_tap(value: str | None) -> TapConfig | None:

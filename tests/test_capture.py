@@ -120,14 +120,14 @@ def test_scope_nesting_and_metadata(tap_dir):
         with tensortap.scope(layer=7, role="draft"):
             tensortap.point("layers.7.attn.kv_pages", torch.zeros(2, 4, 656, dtype=torch.uint8),
                             page_ids=torch.tensor([5, 9]), spec_pos=1)
-        tensortap.point("custom.name.hidden", torch.zeros(3), layer=9)
+        tensortap.point("layers.9.attn.hidden", torch.zeros(3))
     tensortap.close()
     d = tensortap.open(tap_dir)
     pages = d.record("kv_pages")
     assert pages.meta["page_ids"] == [5, 9] and pages.role == "draft" and pages.step == 4
     assert pages.meta["tp_rank"] == 2 and pages.meta["spec_pos"] == 1 and pages.layer == 7
     hidden = d.record("hidden")
-    assert hidden.role == "target" and hidden.layer == 9 and hidden.name == "custom.name.hidden"
+    assert hidden.role == "target" and hidden.layer == 9 and hidden.name == "layers.9.attn.hidden"
 
 
 def test_max_bytes_stops_capture(tap_dir):
@@ -182,18 +182,60 @@ def test_bad_calls_never_raise(tap_dir, caplog):
     assert len(tensortap.open(tap_dir)) == 1
 
 
-def test_bad_metadata_costs_one_record_not_the_capture(tap_dir, caplog):
+def test_bad_metadata_costs_one_key_not_the_record(tap_dir, caplog):
+    """Metadata is checked against the record schema at the call: a bad value is an error counted and
+    reported once per key, the key is dropped and the record kept; an unknown point name, a Python list
+    instead of a tensor and a 9-dimensional tensor are errors and record nothing."""
     tensortap.configure(dir=tap_dir)
     with caplog.at_level(logging.ERROR, logger="tensortap"):
         tensortap.point("layers.0.attn.lse", torch.ones(2), step="warmup")
+        with tensortap.scope(step=2, dcp_size="four", role="targt"):
+            tensortap.point("layers.0.attn.lse", torch.ones(2))
+            tensortap.point("layers.0.attn.lse", torch.ones(3))
         tensortap.point("layers.0.attn.lse", torch.ones(2, 1, 1, 1, 1, 1, 1, 1, 1))  # 9 dimensions
+        tensortap.point("layers.0.attn.foo", torch.ones(2), step=1)
+        tensortap.point("foo", torch.ones(2), step=1)
+        tensortap.point("layers.0.attn.lse", [1.0, 2.0], step=1)
         assert tensortap.wants("layers.0.attn.Not-A-Point") is False
         tensortap.point("layers.0.attn.lse", torch.ones(2), step=1)
     assert tensortap.flush(timeout=60)
     counters = tensortap.stats()
     tensortap.close()
-    assert counters["errors"] == 3 and counters["records"] == 1 and counters["lost"] == 0
-    assert tensortap.open(tap_dir).steps == [1]
+    assert counters["errors"] == 3 + 5 and counters["records"] == 4 and counters["lost"] == 0
+    dropped = [r.getMessage() for r in caplog.records if "metadata dropped" in r.getMessage()]
+    assert len(dropped) == 3 and any("dcp_size" in m for m in dropped) and any("role" in m for m in dropped)
+    d = tensortap.open(tap_dir)
+    assert sorted(str(r.step) for r in d) == ["1", "2", "2", "None"]
+    assert all("dcp_size" not in r.meta and "role" not in r.meta for r in d if r.step == 2)
+
+
+def test_stats_survive_close_and_an_empty_filter_says_why(tap_dir, caplog):
+    tensortap.configure(dir=tap_dir, steps="100-140")
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for step in range(3):
+            with tensortap.scope(step=step, role="target"):
+                tensortap.point("layers.0.attn.lse", torch.ones(2))
+        tensortap.close()
+    assert tensortap.stats()["records"] == 0
+    said = [r.getMessage() for r in caplog.records if "nothing was written" in r.getMessage()]
+    assert len(said) == 1 and "steps=100-140" in said[0] and "steps 0,1,2" in said[0]
+    tensortap.configure(dir=tap_dir + "2")
+    tensortap.point("layers.0.attn.lse", torch.ones(2), step=0)
+    tensortap.close()
+    assert tensortap.stats()["records"] == 1, "the final counters, not zeros"
+
+
+def test_an_invalid_tap_in_the_environment_is_one_line(tmp_path):
+    env = dict(os.environ, TAP=f"{tmp_path};bogus=1")
+    done = subprocess.run([sys.executable, "-c", "import tensortap; tensortap.point; print(tensortap.enabled())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bogus" in lines[0] and "valid keys" in lines[0]
+
+
+def test_capturing_is_false_without_cuda():
+    assert tensortap.capturing() is False
 
 
 def test_the_name_layer_wins_over_the_scope(tap_dir):

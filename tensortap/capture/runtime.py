@@ -1,9 +1,17 @@
-"""The capture API: `point`, `scope`, `wants`, `configure`, `flush`, `close`, `stats`.
+"""The capture API: `point`, `scope`, `wants`, `capturing`, `configure`, `flush`, `close`, `stats`.
 
-Disabled (TAP unset, empty or 0): `point()` returns on its first line and `scope()`
-returns a shared no-op context manager. Enabled: a point is filtered, snapshotted on
-the caller's thread or stream, and handed to the writer thread; nothing in here ever
-raises into the caller after start-up.
+Disabled (TAP unset, empty or 0): `point()` returns on its first line and `scope()` returns a
+shared no-op context manager. Enabled, the work is split by how often it changes:
+
+    per scope   metadata validated against the record schema, the rank, the step/role/rank part
+                of the filter (Filter.keeps_forward), tensor metadata snapshotted once
+    per name    layer and point parsed and checked, the point/layer part of the filter (cached)
+    per call    the snapshot (eager), or a slot inside a CUDA graph being captured (graphs.py);
+                mode=stats on a GPU computes its stats there (device_stats.py); with `trigger=` the
+                record goes to the flight recorder (trigger.py) instead of the writer
+
+Shape, dtype and byte count are taken from the snapshot on the writer side. Nothing in here ever
+raises into the caller after start-up: a bad call is counted as an error and reported once.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import functools
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from contextvars import ContextVar
@@ -21,26 +30,44 @@ from contextvars import ContextVar
 import numpy as np
 import torch
 
+from tensortap import vocab
+from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
-from tensortap.capture.staging import Stager, capturing_cuda_graph
+from tensortap.capture.staging import Staged, Stager
 from tensortap.capture.writer import ChildSink, Counters, Job, LocalSink, Writer
 from tensortap.config import TapConfig, from_mapping, parse_tap
 from tensortap.errors import TapConfigError
+from tensortap.format import schema
 from tensortap.format.codecs import dtype_name
 from tensortap.format.segment import SegmentWriter
-from tensortap.format import schema
-from tensortap.vocab import split_name
 
 log = logging.getLogger("tensortap")
 
-_scope: ContextVar[dict] = ContextVar("tensortap_scope", default={})
 PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 MAX_NDIM = 8
 _NULL_SCOPE = contextlib.nullcontext()
+_FORWARD = ("step", "role", "rank")  # call metadata that changes the per-scope filter verdict
+_UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
+_DROP = object()
+
+
+class ScopeState:
+    """What a scope computed once for every point inside it."""
+
+    __slots__ = ("meta", "tensors", "rank", "world", "keeps")
+
+    def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool):
+        self.meta = meta  # validated host metadata, merged over the enclosing scopes
+        self.tensors = tensors  # "meta:<key>" -> snapshot of a device tensor given to the scope
+        self.rank, self.world = rank, world
+        self.keeps = keeps  # Filter.keeps_forward(step, rank, role)
+
+
+_scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
 
 
 class Tap:
-    """An enabled tap: config, filter, counters, stager and (once the first record comes) the writer."""
+    """An enabled tap: config, filter, counters, stager, graph slots, flight recorder, writer."""
 
     def __init__(self, config: TapConfig):
         self.config = config
@@ -52,13 +79,94 @@ class Tap:
         self.budget_spent = False
         self._bytes_accepted = 0
         self._seq = itertools.count()
-        self._names: dict[str, tuple[int | None, str]] = {}
+        self._names: dict[str, tuple] = {}  # name -> (layer, point, keeps_point) or (None, None, problem)
         self._rank: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._local = threading.local()  # per thread: jobs of the open scope, handed over at its exit
+        self.excluded = 0  # point calls the filter rejected
+        self._seen: dict[str, set] = {"steps": set(), "roles": set(), "ranks": set(), "layers": set(), "points": set()}
+        self.graphs = graphs.Registry(config.graph_bytes, self._warn_once, self.counters)
+        self.recorder = (trigger.FlightRecorder(config, self._submit_now, self._trigger_record, self.counters,
+                                                self._warn_once) if config.trigger else None)
+        self._device_stats = _from_parts_available()
+        if "torch.cuda" in sys.modules and hasattr(torch.cuda, "CUDAGraph"):
+            graphs.install(torch.cuda.CUDAGraph, _GRAPH_HOOKS)
 
-    # -- the enabled path ----------------------------------------------------------------------
+    # -- per scope ------------------------------------------------------------------------------------
+    def enter(self, raw: dict, parent: ScopeState | None) -> ScopeState:
+        """The state of a scope with metadata `raw` inside `parent`: validated once, filtered once."""
+        meta = dict(parent.meta) if parent is not None else {}
+        tensors = dict(parent.tensors) if parent is not None else {}
+        given = []
+        for key, value in raw.items():
+            tensors.pop("meta:" + key, None)
+            if isinstance(value, torch.Tensor):
+                meta.pop(key, None)
+                given.append((key, value))
+                continue
+            value = self._checked(key, value)
+            if value is _DROP:
+                meta.pop(key, None)
+            else:
+                meta[key] = value
+        rank, world = self.rank_and_world(meta)
+        keeps = self.filter.keeps_forward(meta.get("step"), rank, meta.get("role"))
+        if not keeps and len(self._seen["steps"]) < 4096:
+            self._seen["steps"].add(meta.get("step"))
+            self._seen["roles"].add(meta.get("role"))
+            self._seen["ranks"].add(rank)
+        if given and (keeps or self.graphs.capturing() is not None):
+            for key, value in given:
+                if value.is_cuda:
+                    tensors["meta:" + key] = value.detach().clone()  # once per scope; in a graph: a slot
+                else:
+                    self._set_checked(meta, key, value.tolist())
+        return ScopeState(meta, tensors, rank, world, keeps)
+
+    def _checked(self, key: str, value):
+        """A metadata value as the record schema wants it, or _DROP (an error, reported once per key)."""
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif isinstance(value, tuple):
+            value = list(value)
+        problem = schema.field_problem(key, value)
+        if problem is None:
+            return value
+        self.counters.errors += 1
+        self._warn_once("meta:" + key, "tensortap: metadata dropped: %s; pass a valid value (the record is kept "
+                        "without it)", problem)
+        return _DROP
+
+    def _set_checked(self, meta: dict, key: str, value) -> None:
+        value = self._checked(key, value)
+        if value is not _DROP:
+            meta[key] = value
+
+    def root(self) -> ScopeState:
+        """The state of a point called outside any scope."""
+        return self.enter({}, None)
+
+    # -- per name -------------------------------------------------------------------------------------
+    def name_info(self, name: str) -> tuple:
+        info = self._names.get(name)
+        if info is None:
+            info = self._names[name] = self._parse_name(name)
+        return info
+
+    def _parse_name(self, name) -> tuple:
+        parts = name.split(".") if isinstance(name, str) else []
+        point = parts[-1] if parts else None
+        if len(parts) != 4 or parts[0] != "layers" or parts[2] != "attn" or not parts[1].isdigit() \
+                or point not in vocab.POINTS:
+            return (None, None, f"tap point name {name!r} is not layers.<L>.attn.<point> with a point among "
+                                f"{', '.join(vocab.POINTS)}")
+        layer = int(parts[1])
+        self._seen["layers"].add(layer)
+        self._seen["points"].add(point)
+        return (layer, point, self.filter.keeps_point(point, layer))
+
+    # -- per call -------------------------------------------------------------------------------------
     def record(self, name: str, tensor, meta: dict) -> None:
         try:
             self._record(name, tensor, meta)
@@ -67,50 +175,165 @@ class Tap:
             self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
                             type(exc).__name__, exc)
 
-    def _where(self, name: str, meta: dict) -> tuple[str, dict, int, int]:
-        """(point, metadata merged over the scope, rank, world size) of a call: the point's own metadata
-        wins, then the layer in its name, then the scope's."""
-        layer_in_name, point = self._names.get(name) or self._parse_name(name)
-        merged = {**_scope.get(), **meta}
-        merged["layer"] = meta.get("layer", layer_in_name if layer_in_name is not None else merged.get("layer"))
-        _check_indices(merged)
-        rank, world_size = self.rank_and_world(merged)
-        return point, merged, rank, world_size
-
-    def _keeps(self, point: str, merged: dict, rank: int) -> bool:
-        return self.filter.keeps(point, merged["layer"], merged.get("step"), rank, merged.get("role"))
-
     def _record(self, name: str, tensor, meta: dict) -> None:
+        layer, point, keeps = self.name_info(name)
+        if point is None:
+            raise ValueError(keeps)
+        if keeps is False:
+            self.excluded += 1
+            return
+        state = _scope.get() or self.root()
+        entry = self.graphs.capturing()
+        recorder = self.recorder
+        if meta:
+            state = self._with_call_meta(state, meta)
+        if entry is None and not state.keeps:
+            self.excluded += 1
+            return
         if self.writer is not None and self.writer.failed is not None:
             self.counters.lost += 1
             return
-        point, merged, rank, world_size = self._where(name, meta)
-        if not self._keeps(point, merged, rank):
-            return
         if not isinstance(tensor, torch.Tensor):
-            tensor = torch.as_tensor(tensor)
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() > MAX_NDIM:
             raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
-        if tensor.is_cuda and capturing_cuda_graph():  # nothing host-side would be replayed
-            self.counters.graph_skipped += 1
-            self._warn_once("graph", "tensortap: tap points inside CUDA-graph capture are skipped (%s); "
-                            "run the tapped steps eagerly", name)
+        if entry is not None:
+            self._record_in_graph(entry, name, layer, point, tensor, state)
             return
-        nbytes = tensor.numel() * tensor.element_size() if self.full else 0  # what reaches the disk
+        if tensor.is_cuda and torch.cuda.is_current_stream_capturing():  # a capture the hooks do not see
+            self.counters.graph_skipped += 1
+            self._warn_once("graph", "tensortap: a tap point inside a CUDA-graph capture that is not a "
+                            "torch.cuda.CUDAGraph is skipped (%s)", name)
+            return
+        if recorder is not None and not recorder.wants_snapshots:  # armed, nothing to keep: the signal alone
+            watched = trigger.which(point, recorder.triggers)
+            value = trigger.signal(watched, tensor) if watched is not None else None
+            if value is not None:
+                recorder.note(self._where(watched, state.meta, name, point, layer, state.rank), value)
+            if _scope.get() is None:
+                self._end_scope()
+            return
+        job_meta = self._job_meta(state, name, layer, point)
+        self._emit(job_meta, self._tensors(tensor, point, state), tensor, point)
+        if _scope.get() is None:
+            self.submit_pending()
+            self._end_scope()
+
+    def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
+        """A point's own metadata over its scope's (validated; its tensors are snapshotted per call)."""
+        merged = self.enter(meta, state)
+        if not any(key in meta for key in _FORWARD):
+            merged.keeps = state.keeps
+        return merged
+
+    def _job_meta(self, state: ScopeState, name: str, layer: int, point: str) -> dict:
+        meta = dict(state.meta)
+        meta["name"], meta["point"], meta["layer"], meta["rank"] = name, point, layer, state.rank
+        if "world_size" not in meta:
+            meta["world_size"] = state.world
+        meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
+        return meta
+
+    def _tensors(self, tensor: torch.Tensor, point: str, state: ScopeState) -> dict:
+        """What a record carries: "data" (the tensor: full mode, the recorder, stats on the CPU) or its
+        "stats:*" parts (stats on a GPU), and the scope's "meta:*" snapshots on the same device."""
+        if self.full or self.recorder is not None or not (tensor.is_cuda and self._device_stats):
+            tensors = {"data": tensor}
+        else:
+            tensors = device_stats.parts(tensor, point)
+        if state.tensors:
+            for key, value in state.tensors.items():
+                if value.device == tensor.device:
+                    tensors[key] = value
+        return tensors
+
+    def _emit(self, meta: dict, tensors: dict, tensor: torch.Tensor, point: str) -> None:
+        """Snapshot the tensor on the caller's thread or stream (parts and scope snapshots are fresh
+        tensors already) and deliver the record."""
+        if "data" in tensors:
+            staged = self.stager.stage({"data": tensors.pop("data")})
+            staged.tensors.update(tensors)
+        else:
+            staged = Staged(tensors, torch.cuda.current_stream(tensor.device))
+        meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
+        self._deliver(meta, staged, tensor)
+
+    def _deliver(self, meta: dict, staged: Staged, tensor: torch.Tensor | None, signal=None) -> None:
+        point = meta["point"]
+        if self.recorder is not None:
+            watched = trigger.which(point, self.recorder.triggers)
+            if watched is not None:
+                value = signal if signal is not None else (trigger.signal(watched, tensor) if tensor is not None else None)
+                if value is not None:
+                    self.recorder.note(self._where(watched, meta, meta["name"], point, meta.get("layer"),
+                                                   meta.get("rank")), value)
+            self._writer(meta["rank"], meta["world_size"])
+            self.recorder.offer(meta.get("step"), [Job(meta, staged, True)])
+            return
+        full = self.full and "data" in staged.tensors
+        nbytes = staged.tensors["data"].numel() * staged.tensors["data"].element_size() if full else 0
         if self._over_budget(nbytes):
             return
-        staged = self._stage(tensor, merged)
-        merged.update(
-            name=name, point=point, rank=rank, world_size=merged.get("world_size", world_size),
-            seq=next(self._seq), time_ns=time.time_ns(), dtype=dtype_name(tensor.dtype),
-            shape=list(tensor.shape), dropped_before=self.counters.dropped,
-        )
-        self._writer(rank, world_size)
+        self._writer(meta["rank"], meta["world_size"])
         pending = self._pending()
-        pending.append(Job(merged, staged, self.full))
-        if not _scope.get() or len(pending) >= PENDING_JOBS:
+        pending.append(Job(meta, staged, full))
+        if len(pending) >= PENDING_JOBS:
             self.submit_pending()
 
+    @staticmethod
+    def _where(watched: str, meta: dict, name: str, point: str, layer, rank) -> dict:
+        return dict(trigger=watched, name=name, point=point, layer=layer, step=meta.get("step"),
+                    role=meta.get("role"), spec_pos=meta.get("spec_pos"), rank=rank)
+
+    # -- inside CUDA graphs ---------------------------------------------------------------------------
+    def _record_in_graph(self, entry, name: str, layer: int, point: str, tensor: torch.Tensor,
+                         state: ScopeState) -> None:
+        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself."""
+        tensors = self._tensors(tensor, point, state)
+        buffers = tensors  # stats parts are fresh tensors; "meta:" snapshots were made in this capture
+        if "data" in buffers:
+            buffers["data"] = buffers["data"].detach().clone(memory_format=torch.contiguous_format)  # in the graph
+        if self.recorder is not None:
+            watched = trigger.which(point, self.recorder.triggers)
+            value = trigger.signal(watched, tensor) if watched is not None else None
+            if value is not None:
+                buffers["signal"] = value.view(1)  # [1]
+        meta = dict(state.meta)
+        meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=_dtype(tensor),
+                    shape=list(tensor.shape))
+        meta.setdefault("world_size", state.world)
+        self.graphs.add(entry, name, point, meta, buffers)
+
+    def after_replay(self, graph) -> None:
+        """After a replay: the graph's slots, drained in one copy, become records stamped with the scope."""
+        drained = self.graphs.drain(graph)
+        if not drained:
+            return
+        state = _scope.get() or self.root()
+        stamp = {"phase": "run", **state.meta, "graph": self.graphs.index_of(graph)}
+        tokens = stamp.get("num_tokens")
+        for slot, tensors in drained:
+            meta = {**slot.meta, **stamp}
+            if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
+                self.excluded += 1
+                continue
+            signal = tensors.pop("signal", None)
+            data = tensors.get("data")
+            if data is not None and isinstance(tokens, int) and slot.point not in _UNTRIMMED \
+                    and data.dim() and data.shape[0] > tokens:
+                tensors["data"] = data[:tokens]  # [num_tokens, ...]: graph padding rows are not real tokens
+                meta["shape"] = [tokens] + list(data.shape[1:])
+            for key, value in state.tensors.items():
+                tensors.setdefault(key, value)
+            meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
+            first = next(iter(tensors.values()))
+            staged = Staged(tensors, torch.cuda.current_stream(first.device) if first.is_cuda else None)
+            self._deliver(meta, staged, None, signal[0] if signal is not None else None)
+        if _scope.get() is None:
+            self.submit_pending()
+            self._end_scope()
+
+    # -- hand-over ------------------------------------------------------------------------------------
     def _pending(self) -> list:
         pending = getattr(self._local, "jobs", None)
         if pending is None:
@@ -122,20 +345,27 @@ class Tap:
         pending = getattr(self._local, "jobs", None)
         if pending and self.writer is not None:
             self._local.jobs = []
-            Stager.mark_ready([job.staged for job in pending])
-            self.writer.submit(pending)
+            self._submit_now(pending)
 
-    def _stage(self, tensor: torch.Tensor, merged: dict):
-        """Snapshot the tensor (stats mode too: its stats are computed from the host copy, off the
-        caller's thread: one copy costs the caller less than a dozen small reductions)."""
-        tensors = {"data": tensor}
-        for key in [k for k, v in merged.items() if isinstance(v, torch.Tensor)]:
-            value = merged.pop(key)
-            if value.device == tensor.device and value.is_cuda:
-                tensors["meta:" + key] = value  # travels with the snapshot: no sync here
-            else:
-                merged[key] = value.tolist()  # small host metadata (seq_lens, page_ids)
-        return self.stager.stage(tensors)
+    def _submit_now(self, jobs: list) -> None:
+        Stager.mark_ready([job.staged for job in jobs])
+        self.writer.submit(jobs)
+
+    def _end_scope(self) -> None:
+        if self.recorder is not None:
+            self.recorder.end_scope()
+
+    def _trigger_record(self, info: dict) -> None:
+        """The flight recorder's record of a trigger: which fired, where (point, layer, role, rank) and when."""
+        rank = info.get("rank") if info.get("rank") is not None else self.rank_and_world({})[0]
+        meta = {"name": "tensortap.trigger", "point": "trigger", "step": info.get("step"), "rank": rank,
+                "world_size": self.rank_and_world({})[1], "trigger": {k: v for k, v in info.items() if v is not None},
+                "seq": next(self._seq), "time_ns": time.time_ns(), "dropped_before": self.counters.dropped}
+        if meta["step"] is None:
+            meta.pop("step")
+        staged = self.stager.stage({"data": torch.tensor([info["value"]], dtype=torch.int64)})
+        self._writer(rank, meta["world_size"])
+        self._submit_now([Job(meta, staged, True)])
 
     def _over_budget(self, nbytes: int) -> bool:
         limit = self.config.max_bytes
@@ -151,11 +381,7 @@ class Tap:
             self._bytes_accepted += nbytes
         return False
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _parse_name(self, name: str) -> tuple[int | None, str]:
-        self._names[name] = parsed = split_name(name)
-        return parsed
-
+    # -- helpers -------------------------------------------------------------------------------------
     def rank_and_world(self, merged: dict) -> tuple[int, int]:
         if self._rank is None:
             rank, world, from_group = discover_rank()
@@ -182,8 +408,15 @@ class Tap:
 
     def wants(self, name: str, meta: dict) -> bool:
         try:
-            point, merged, rank, _ = self._where(name, meta)
-            return not self.budget_spent and self._keeps(point, merged, rank)
+            _, point, keeps = self.name_info(name)
+            if point is None:
+                raise ValueError(keeps)
+            if not keeps or self.budget_spent:
+                return False
+            if self.graphs.capturing() is not None:
+                return True  # the step is known only at replay
+            state = _scope.get() or self.root()
+            return self._with_call_meta(state, meta).keeps if meta else state.keeps
         except Exception as exc:  # never into the model's forward
             self.counters.errors += 1
             self._warn_once("error", "tensortap: wants(%r) failed (%s: %s)", name, type(exc).__name__, exc)
@@ -191,23 +424,54 @@ class Tap:
 
     def flush(self, timeout: float | None = None) -> bool:
         self.submit_pending()
+        if self.recorder is not None:
+            self.recorder.end_scope()
         return self.writer.flush(timeout) if self.writer is not None else True
 
     def close(self, timeout: float | None = None) -> None:
         self.submit_pending()
+        if self.recorder is not None:
+            self.recorder.end_scope()
+            self.recorder.poll(wait=True)
         if self.writer is not None:
             self.writer.close(timeout)
+        if self.counters.records == 0 and self.excluded:
+            log.warning("tensortap: nothing was written: the filter (%s) excluded all %d tap point call(s); "
+                        "they had %s", self.filter_text(), self.excluded, self.seen_text())
+
+    def filter_text(self) -> str:
+        keys = self.config.to_json_dict()
+        return "; ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k in ("layers", "steps", "ranks",
+                         "points", "roles") if (v := keys.get(k)) is not None) or "none"
+
+    def seen_text(self) -> str:
+        def span(values) -> str:
+            values = sorted(v for v in values if v is not None)
+            ints = all(isinstance(v, int) for v in values)
+            if ints and len(values) > 4:
+                return f"{values[0]}-{values[-1]}"
+            return ",".join(str(v) for v in values) or "none"
+
+        return ", ".join(f"{key} {span(values)}" for key, values in self._seen.items() if values)
 
 
-def _check_indices(meta: dict) -> None:
-    """step, layer, spec_pos and rank are integers (or absent): the index and the filters rely on it."""
-    for key in ("step", "layer", "spec_pos", "rank"):
-        value = meta.get(key)
-        if isinstance(value, np.integer):
-            meta[key] = value = int(value)
-        problem = schema.field_problem(key, value)
-        if problem is not None:
-            raise ValueError(f"metadata {problem}")
+def _dtype(tensor: torch.Tensor) -> str:
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[tensor.dtype] = dtype_name(tensor.dtype)
+    return name
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def _from_parts_available() -> bool:
+    """Stats-only records from device parts need the writer side's format.stats.from_parts."""
+    try:
+        from tensortap.format import stats as host_stats
+    except ImportError:
+        return False
+    return hasattr(host_stats, "from_parts")
 
 
 def _make_sink(config: TapConfig, rank: int, identity: dict):
@@ -220,8 +484,40 @@ def _make_sink(config: TapConfig, rank: int, identity: dict):
                                    config.segment_bytes))
 
 
+class _GraphHooks:
+    """What the class-level CUDAGraph hooks call: the active tap's registry, or nothing."""
+
+    @staticmethod
+    def begin(graph) -> None:
+        if _tap is not None:
+            _tap.graphs.begin(graph)
+
+    @staticmethod
+    def end(graph) -> None:
+        if _tap is not None:
+            _tap.graphs.end(graph)
+
+    @staticmethod
+    def before_replay(graph) -> None:
+        if _tap is not None:
+            _tap.graphs.before_replay(graph)
+
+    @staticmethod
+    def after_replay(graph) -> None:
+        tap = _tap
+        if tap is not None:
+            try:
+                tap.after_replay(graph)
+            except Exception as exc:  # never into the model's forward
+                tap.counters.errors += 1
+                tap._warn_once("error", "tensortap: draining CUDA-graph slots failed (%s: %s)", type(exc).__name__, exc)
+
+
+_GRAPH_HOOKS = _GraphHooks()
+
 # -- module state and the public functions -------------------------------------------------------
 _tap: Tap | None = None
+_last_counters: dict | None = None  # the counters of the last closed tap: stats() after close()
 
 
 def point(name: str, tensor, **meta) -> None:
@@ -242,7 +538,17 @@ class _Scope:
         self.meta = meta
 
     def __enter__(self):
-        self.token = _scope.set({**_scope.get(), **self.meta})
+        tap = _tap
+        if tap is None:  # closed since scope() was called
+            self.token = _scope.set(_scope.get())
+            return self
+        try:
+            state = tap.enter(self.meta, _scope.get())
+        except Exception as exc:  # never into the model's forward
+            tap.counters.errors += 1
+            tap._warn_once("error", "tensortap: scope(...) failed (%s: %s)", type(exc).__name__, exc)
+            state = _scope.get() or ScopeState({}, {}, 0, 1, False)
+        self.token = _scope.set(state)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -251,13 +557,17 @@ class _Scope:
         if tap is not None:
             try:
                 tap.submit_pending()
+                tap._end_scope()
             except Exception as error:  # never into the model's forward
                 tap.counters.errors += 1
                 tap._warn_once("error", "tensortap: handing records to the writer failed (%s)", error)
 
 
 def scope(**meta):
-    """Context manager holding a forward's shared metadata (step, layer, role, ...); scopes nest."""
+    """Context manager holding a forward's shared metadata (step, layer, role, ...); scopes nest.
+
+    Around a CUDA-graph replay it gives the replayed records their step, role, spec_pos, phase,
+    num_tokens (rows past it are graph padding) and req_ids."""
     if _tap is None:
         return _NULL_SCOPE
     return _Scope(meta)
@@ -272,6 +582,12 @@ def enabled() -> bool:
     return _tap is not None
 
 
+def capturing() -> bool:
+    """Is the current CUDA stream capturing a graph? False without CUDA (for integrations)."""
+    cuda = sys.modules.get("torch.cuda")
+    return cuda is not None and cuda.is_initialized() and cuda.is_current_stream_capturing()
+
+
 def configure(tap: str | None = None, **keys) -> TapConfig | None:
     """Enable capture from Python with the TAP keys (or a TAP string); no arguments disables it.
 
@@ -284,8 +600,7 @@ def configure(tap: str | None = None, **keys) -> TapConfig | None:
     if tap is not None and keys:
         raise TapConfigError("configure() takes a TAP string or keys, not both")
     config = parse_tap(tap) if tap is not None else (from_mapping(keys) if keys else None)
-    if _tap is not None:
-        _tap.close()
+    close()
     _tap = Tap(config) if config is not None else None
     return config
 
@@ -296,16 +611,20 @@ def flush(timeout: float | None = None) -> bool:
 
 
 def close(timeout: float | None = None) -> None:
-    """Flush, commit the open segment and stop capturing."""
-    global _tap
+    """Flush, commit the open segment and stop capturing; `stats()` keeps the final counters."""
+    global _tap, _last_counters
     tap, _tap = _tap, None
     if tap is not None:
         tap.close(timeout)
+        _last_counters = tap.counters.as_dict()
 
 
 def stats() -> dict:
-    """This process's capture counters: records, bytes, dropped, over_budget, lost, errors, graph_skipped."""
-    return _tap.counters.as_dict() if _tap is not None else Counters().as_dict()
+    """This process's capture counters: records, bytes, dropped, over_budget, lost, errors, graph_skipped
+    (of the active tap, else of the last one closed)."""
+    if _tap is not None:
+        return _tap.counters.as_dict()
+    return dict(_last_counters) if _last_counters is not None else Counters().as_dict()
 
 
 def current_config() -> TapConfig | None:
@@ -313,8 +632,13 @@ def current_config() -> TapConfig | None:
 
 
 def _from_environment() -> None:
+    """TAP from the environment; an invalid value is one line on stderr and leaves the tap off."""
     global _tap
-    config = parse_tap(os.environ.get("TAP"))
+    try:
+        config = parse_tap(os.environ.get("TAP"))
+    except TapConfigError as exc:
+        print(f"tensortap: TAP is invalid, capture is off: {exc}", file=sys.stderr)
+        config = None
     _tap = Tap(config) if config is not None else None
 
 

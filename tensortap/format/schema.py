@@ -91,6 +91,7 @@ RECORD_FIELDS = (
     Field("req_ids", "list"),
     Field("graph", "int"),
     Field("num_tokens", "int"),
+    Field("trigger", "dict"),  # the flight recorder's trigger record: which fired, where, when
     # parallel layout: as the layer believes it, as the process group says, as the cache writer used it
     Field("rank", "int", index="<i4"),
     Field("world_size", "int"),
