@@ -13,15 +13,18 @@ from __future__ import annotations
 import collections
 import html
 import os
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from tensortap import runs as run_ids
 from tensortap.config import filter_from
 from tensortap.errors import FormatError, SelectionError
 from tensortap.format import codecs, schema
-from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_sidecar
+from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_segment
 from tensortap.text import human_bytes, span
+from tensortap.vocab import DEFAULT_PHASES, PHASES
 
 _FILTER_KEYS = ("point", "step", "layer", "role", "rank")
 _COLUMNS_FIRST = ["name", "point", "step", "layer", "role", "spec_pos", "rank", "world_size", "tp_rank", "tp_size",
@@ -80,7 +83,10 @@ class Record:
         Stats mode stores it; full mode derives it from the stored tensor the same way."""
         stored = self._dump._reader(self._path).read_stats(self.meta)
         if stored is None and self.stored:
-            from tensortap.capture.stats import compute
+            try:
+                from tensortap.format.stats import compute
+            except ImportError:  # before the stats moved next to the format
+                from tensortap.capture.stats import compute
 
             return compute(self.raw(), self.dtype, self.point, keep_arrays=True)[1]
         return stored
@@ -101,7 +107,10 @@ class _ReaderPool:
     def get(self, path: str) -> SegmentReader:
         reader = self._open.get(path)
         if reader is None:
-            reader = SegmentReader(path)
+            try:
+                reader = SegmentReader(path, listing=False)  # a renamed .tmp is re-found by its final name
+            except FileNotFoundError:
+                raise FormatError(path, "vanished since the dump was opened (deleted or moved?)") from None
             self._open[path] = reader
             while len(self._open) > self.size:
                 self._open.popitem(last=False)[1].close()
@@ -114,46 +123,76 @@ class _ReaderPool:
             self._open.popitem()[1].close()
 
 
+@dataclass
+class _Source:
+    """What every sub-dump of one opened dump shares: its files, runs, phases and problems."""
+
+    segments: list[SegmentInfo]
+    pool: _ReaderPool
+    runs: list = field(default_factory=list)  # runs.Run of every run found
+    run_of: dict = field(default_factory=dict)  # segment path -> run id
+    problems: list = field(default_factory=list)  # FormatError of each record set aside
+    excluded_phases: dict = field(default_factory=dict)  # phase -> records left out
+
+
 class Dump:
     """A set of records from one or more segments; selections return new Dumps sharing the files."""
 
-    def __init__(self, metas: list[dict], paths: list[str], segments: list[SegmentInfo], pool: _ReaderPool):
+    def __init__(self, metas: list[dict], paths: list[str], source: _Source):
         self._metas = metas
         self._paths = paths
-        self.segments = segments
-        self._pool = pool
+        self._source = source
+        self._pool = source.pool
         self._frame = None
+
+    segments = property(lambda self: self._source.segments)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike | Sequence[str | os.PathLike], max_open_files: int = 32) -> "Dump":
-        """Open a directory, a segment file, or a list of them. Unreadable committed files raise FormatError."""
+    def open(cls, path: str | os.PathLike | Sequence[str | os.PathLike], max_open_files: int = 32,
+             run: str | None = None, phases=DEFAULT_PHASES) -> "Dump":
+        """Open a directory, a segment file, or a list of them.
+
+        run:    the run to read when the files hold several (its id as `ls` shows it, or a unique
+                prefix); "all" reads every run together. Several runs and no `run`: SelectionError.
+        phases: the record phases kept ("run" by default: an engine's warmup and CUDA-graph capture
+                forwards are left out and counted); "all" keeps every phase.
+        Unreadable committed files raise FormatError; records with malformed metadata are set aside
+        (`problems`) and the rest is read."""
+        keep_phases = _phases(phases)
         targets = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         files = []
         for target in targets:
             files.extend(list_segment_paths(os.fspath(target)))
+        files = list(dict.fromkeys(files))
         if not files:
             raise FormatError(targets[0] if targets else "(nothing)", "holds no tensortap segments (*.tap.h5)",
                               "pass a directory written by TAP=...")
-        pool = _ReaderPool(max_open_files)
-        metas, paths, segments, starts = [], [], [], {}
-        for file in files:
-            try:
-                reader = SegmentReader(file)
-            except FormatError as exc:
-                if not file.endswith(".tmp"):
-                    pool.close()
-                    raise
-                segments.append(SegmentInfo(file, False, 0, read_sidecar(file),
-                                            f"unreadable, no record survived ({exc.problem})"))
+        listed = [read_segment(file) for file in files]
+        segments = [info for info, _ in listed]
+        runs, run_of_segment = run_ids.identify(segments, [metas for _, metas in listed])
+        wanted = run_ids.choose(runs, run, os.fspath(targets[0]) if len(targets) == 1 else "these files")
+        source = _Source([], _ReaderPool(max_open_files), runs)
+        metas, paths, starts = [], [], []
+        excluded: collections.Counter = collections.Counter()
+        for (info, records), run_id in zip(listed, run_of_segment):
+            if wanted is not None and run_id not in wanted:
                 continue
-            segments.append(reader.info)
-            starts[file] = int(reader.root.get("start_time_ns", 0) or 0)
-            metas.extend(reader.metas)
-            paths.extend([file] * len(reader.metas))
-            reader.close()
-        order = execution_order(metas, [starts.get(p, 0) for p in paths])
-        return cls([metas[i] for i in order], [paths[i] for i in order], segments, pool)
+            source.segments.append(info)
+            source.run_of[info.path] = run_id
+            source.problems.extend(info.problems)
+            start = info.root.get("start_time_ns") or 0
+            for meta in records:
+                phase = meta.get("phase", "run")
+                if keep_phases is not None and phase not in keep_phases:
+                    excluded[phase] += 1
+                    continue
+                metas.append(meta)
+                paths.append(info.path)
+                starts.append(start)
+        source.excluded_phases = dict(excluded)
+        order = execution_order(metas, starts)
+        return cls([metas[i] for i in order], [paths[i] for i in order], source)
 
     def close(self) -> None:
         self._pool.close()
@@ -174,13 +213,15 @@ class Dump:
         if self._frame is None:
             import pandas as pd
 
-            rows = []
+            rows, several_runs = [], len(set(self._source.run_of.values())) > 1
             for meta, path in zip(self._metas, self._paths):
                 row = {k: v for k, v in meta.items() if k != "stats"}
                 row.update(meta.get("stats", {}))
                 row["shape"] = tuple(meta.get("shape", ()))
                 row["nbytes"] = int(np.prod(row["shape"], dtype=np.int64)) * codecs.STORED[meta["dtype"]][0].itemsize
                 row["file"] = os.path.basename(path)
+                if several_runs:
+                    row["run"] = self._source.run_of.get(path)
                 rows.append(row)
             frame = pd.DataFrame.from_records(rows)
             for column in _INT_COLUMNS.intersection(frame.columns):
@@ -210,15 +251,78 @@ class Dump:
         return [s for s in self.segments if not s.committed]
 
     @property
-    def dropped(self) -> dict[int, int]:
-        """Records dropped by on_full=drop, per rank (from committed segments and from records' counters)."""
-        out: dict[int, int] = collections.defaultdict(int)
+    def live(self) -> list[SegmentInfo]:
+        """Segments still being written by a live writer (part of `truncated`, but not a crash)."""
+        return [s for s in self.segments if s.live]
+
+    @property
+    def runs(self) -> list:
+        """Every run the opened files hold (runs.Run), including those not selected."""
+        return self._source.runs
+
+    @property
+    def selected_runs(self) -> list:
+        """The runs this dump reads (one, unless opened with run="all")."""
+        ids = set(self._source.run_of.values())
+        return [r for r in self.runs if r.id in ids]
+
+    @property
+    def problems(self) -> list[FormatError]:
+        """One FormatError per record set aside for malformed metadata (file, record and key named)."""
+        return self._source.problems
+
+    @property
+    def warnings(self) -> list[str]:
+        """The problems as one line each."""
+        return [str(p) for p in self.problems]
+
+    @property
+    def excluded_phases(self) -> dict[str, int]:
+        """Records left out by phase (warmup, capture) when the dump was opened."""
+        return self._source.excluded_phases
+
+    @property
+    def losses(self):
+        """pandas DataFrame, one row per (run, rank): the writers' running totals (schema.LOSS_TOTALS:
+        records, bytes, dropped, over_budget, lost, errors, graph_skipped), <NA> where no segment of
+        that writer recorded them. A rank's writer runs are summed; a writer run's totals are the
+        largest any of its segments holds (they only grow)."""
+        import pandas as pd
+
+        by_writer: dict[tuple, dict] = {}
         for seg in self.segments:
             rank = seg.root.get("rank")
-            if rank is not None and seg.root.get("dropped_total") is not None:
-                out[rank] = max(out[rank], int(seg.root["dropped_total"]))
+            if rank is None:
+                continue
+            key = (self._source.run_of.get(seg.path, ""), run_ids.writer_key(seg), rank)
+            totals = by_writer.setdefault(key, {})
+            for name in schema.LOSS_TOTALS:
+                value = seg.root.get(name)
+                if value is not None:
+                    totals[name] = max(totals.get(name, 0), value)
+        rows: dict[tuple, dict] = {}
+        for (run, _writer, rank), totals in by_writer.items():
+            row = rows.setdefault((run, rank), {"run": run, "rank": rank})
+            for name, value in totals.items():
+                row[name] = row.get(name, 0) + value
+        frame = pd.DataFrame([rows[k] for k in sorted(rows, key=lambda k: (str(k[0]), k[1]))],
+                             columns=["run", "rank", *schema.LOSS_TOTALS])
+        for name in schema.LOSS_TOTALS:
+            frame[name] = frame[name].astype("Int64")
+        return frame
+
+    @property
+    def dropped(self) -> dict[int, int]:
+        """Records dropped by on_full=drop, per rank (the writers' totals and the records' counters)."""
+        import pandas as pd
+
+        out: dict[int, int] = collections.defaultdict(int)
+        losses = self.losses
+        for rank, n in zip(losses["rank"], losses["dropped_total"]):
+            if not pd.isna(n):
+                out[rank] = max(out[rank], int(n))
         for meta in self._metas:
-            out[meta.get("rank", 0)] = max(out[meta.get("rank", 0)], int(meta.get("dropped_before", 0)))
+            out[meta["rank"]] = max(out[meta["rank"]], int(meta.get("dropped_before", 0)))
         return {r: n for r, n in sorted(out.items()) if n}
 
     @property
@@ -230,6 +334,7 @@ class Dump:
     # -- selection -------------------------------------------------------------------------------
     def select(self, point=None, step=None, layer=None, role=None, rank=None, **equal) -> "Dump":
         """Records matching every filter: ints, ranges/lists, "a-b" strings; negative layers count from the end."""
+        self._check_keys(equal)
         if isinstance(point, str) and "." in point:
             equal["name"], point = point, None
         layer = self._resolve_layers(layer)
@@ -241,8 +346,19 @@ class Dump:
             if any(meta.get(k) != v for k, v in equal.items()):
                 continue
             keep.append(i)
-        sub = Dump([self._metas[i] for i in keep], [self._paths[i] for i in keep], self.segments, self._pool)
-        return sub
+        return Dump([self._metas[i] for i in keep], [self._paths[i] for i in keep], self._source)
+
+    def _check_keys(self, equal: dict) -> None:
+        """Filter keys must be metadata keys: `ranks=1` or `spec=0` would otherwise match nothing, silently."""
+        unknown = [k for k in equal if k not in schema.FIELDS]
+        if not unknown:
+            return
+        present = {k for m in self._metas for k in m}
+        unknown = [k for k in unknown if k not in present]
+        if unknown:
+            valid = list(_FILTER_KEYS) + sorted((set(schema.FIELDS) | present) - set(_FILTER_KEYS) - {"stats", "shape"})
+            raise SelectionError(f"unknown filter key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                                 f"valid keys: {', '.join(valid)}")
 
     def group_by(self, *keys: str) -> dict[tuple, "Dump"]:
         """One pass: {(value of each key): sub-dump}, in order of first appearance."""
@@ -251,7 +367,7 @@ class Dump:
             bucket = buckets.setdefault(tuple(meta.get(k) for k in keys), ([], []))
             bucket[0].append(meta)
             bucket[1].append(path)
-        return {key: Dump(metas, paths, self.segments, self._pool) for key, (metas, paths) in buckets.items()}
+        return {key: Dump(metas, paths, self._source) for key, (metas, paths) in buckets.items()}
 
     def _resolve_layers(self, layer):
         if layer is None:
@@ -343,13 +459,22 @@ class Dump:
             "points": self.points,
             "bytes": self.nbytes,
             "segments": len(self.segments),
-            "truncated_segments": [{"file": s.path, "records": s.records, "why": s.truncation} for s in self.truncated],
+            "truncated_segments": [{"file": s.path, "records": s.records, "why": s.truncation, "live": s.live}
+                                   for s in self.truncated],
             "dropped": self.dropped,
             "capture_errors": self.capture_errors,
+            "runs": [r.to_json() for r in self.selected_runs],
+            "losses": [{k: (None if v is None or v != v else v) for k, v in row.items()}
+                       for row in self.losses.astype(object).to_dict(orient="records")],
+            "excluded_phases": self.excluded_phases,
+            "problems": self.warnings,
         }
 
     def __repr__(self) -> str:
-        extra = f", {len(self.truncated)} truncated segment(s)" if self.truncated else ""
+        crashed = len(self.truncated) - len(self.live)
+        extra = f", {crashed} truncated segment(s)" if crashed else ""
+        extra += f", {len(self.live)} still being written" if self.live else ""
+        extra += f", {len(self.problems)} record(s) set aside" if self.problems else ""
         return (f"<Dump {len(self.ranks)} ranks, {len(self.steps)} steps, {len(self.layers)} layers, "
                 f"{len(self.points)} points, {human_bytes(self.nbytes)}{extra}>")
 
@@ -376,6 +501,17 @@ def execution_order(metas: list[dict], process_starts: list[int]) -> list[int]:
     for i in by_rank:
         first_seen.setdefault(forward(metas[i]), len(first_seen))
     return sorted(by_rank, key=lambda i: first_seen[forward(metas[i])])
+
+
+def _phases(phases) -> frozenset | None:
+    """The phases to keep (None: all), checked against the vocabulary."""
+    if phases is None or phases == "all":
+        return None
+    wanted = (phases,) if isinstance(phases, str) else tuple(phases)
+    unknown = [p for p in wanted if p not in PHASES]
+    if unknown:
+        raise SelectionError(f"unknown phase {unknown[0]!r}; valid phases: {', '.join(PHASES)}, or 'all'")
+    return frozenset(wanted)
 
 
 def _sort_key(value):

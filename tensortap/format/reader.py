@@ -1,23 +1,29 @@
 """Reading segments: the only reader-side code that calls h5py.
 
-A committed segment is listed from its index (one read); a `.tmp` segment left by a
-crash is scanned group by group up to its last complete record, and the truncation
-is reported. Every dataset is checked (validate.py) before it is read.
+A committed segment is listed from its index (one read); a `.tmp` segment left by a crash is
+scanned group by group up to its last complete record, and the truncation is reported. A `.tmp`
+segment whose writer is still alive is reported as still being written; one that its writer
+renames to its final name while we look is re-found under that name (live.py). Every dataset is
+checked (validate.py) before it is read; a record whose metadata is malformed is set aside with
+a one-line problem naming the file, the record and the key, and the rest is read.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
 from tensortap.errors import FormatError
-from tensortap.format import schema, validate
+from tensortap.format import live, schema, validate
 from tensortap.format.codecs import STORED
 
-_JSON_ROOT_ATTRS = ("config", "versions", "argv")
+# How long a reader waits for a live writer's segment that cannot be read yet (mid-commit).
+LIVE_WAIT_S = 3.0
+MAX_DEPTH = 32  # directories below a dump directory that are searched for segments
 
 
 @dataclass
@@ -29,10 +35,20 @@ class SegmentInfo:
     records: int
     root: dict = field(default_factory=dict)
     truncation: str = ""  # why a .tmp segment stops where it does; empty when committed
+    live: bool = False  # its writer is still running: not a crash
+    problems: list = field(default_factory=list)  # FormatError of each record set aside
 
     @property
     def truncated(self) -> bool:
         return not self.committed
+
+    @property
+    def run(self) -> str:
+        """The writer run that wrote it: its run_id, or host-pid-start for segments from before run ids."""
+        run_id = self.root.get("run_id")
+        if run_id:
+            return str(run_id)
+        return f"{self.root.get('host', '?')}-{self.root.get('pid', '?')}-{self.root.get('start_time_ns', 0)}"
 
 
 def is_segment(path: str) -> bool:
@@ -40,35 +56,51 @@ def is_segment(path: str) -> bool:
 
 
 class SegmentReader:
-    """One open segment. `metas` lists its records' metadata in write order."""
+    """One open segment. `metas` lists its records' metadata in write order (when `listing`)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.file = validate.open_file(path)
+    def __init__(self, path: str, listing: bool = True):
+        self.path = live.current_name(path)
         try:
-            self.root = {**self._root_attrs(), **read_sidecar(path)}
-            self.metas, self.info = self._list()
+            self.file = validate.open_file(self.path)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise FormatError(self.path, f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
+        self.metas: list[dict] = []
+        self.problems: list[FormatError] = []
+        try:
+            self.root = validate.check_root(self.path, {**self._root_attrs(), **read_sidecar(self.path)})
+            if listing:
+                self.metas, self.info = self._list()
         except FormatError:
             self.file.close()
             raise
         except Exception as exc:
             self.file.close()
-            raise FormatError(path, f"corrupted segment ({type(exc).__name__}: {exc})", validate.NOT_A_DUMP_FIX) from None
+            raise FormatError(self.path, f"corrupted segment ({type(exc).__name__}: {exc})",
+                              validate.NOT_A_DUMP_FIX) from None
 
     def close(self) -> None:
         self.file.close()
 
+    @property
+    def size(self) -> int:
+        return validate.file_size(self.file)
+
     # -- listing ---------------------------------------------------------------------------
     def _root_attrs(self) -> dict:
-        root = {}
-        for key, value in self.file.attrs.items():
+        root, size = {}, self.size
+        for key in self.file.attrs:
+            value = validate.read_attr(self.path, self.file, key, schema.MAX_META_CHARS, size)
             if isinstance(value, bytes):
                 value = value.decode("utf-8", errors="replace")
-            if key in _JSON_ROOT_ATTRS and isinstance(value, str):
+            if key in schema.ROOT_JSON and isinstance(value, str):
                 value = validate.parse_json(self.path, value, f"root attribute '{key}'", kind=object)
             elif isinstance(value, np.generic):
                 value = value.item()
             elif isinstance(value, np.ndarray):
+                if value.size > 4096:
+                    raise FormatError(self.path, f"root attribute '{key}' holds {value.size} values")
                 value = value.tolist()
             root[key] = value
         return root
@@ -83,44 +115,69 @@ class SegmentReader:
         records = self._records_group()
         if schema.INDEX_DATASET + "_meta" in self.file:
             metas = self._from_index()
-            return metas, SegmentInfo(self.path, True, len(metas), self.root)
+            return metas, SegmentInfo(self.path, True, len(metas), self.root, problems=self.problems)
         metas, truncation = self._scan(records)
-        return metas, SegmentInfo(self.path, False, len(metas), self.root, truncation)
+        return metas, SegmentInfo(self.path, False, len(metas), self.root, truncation, problems=self.problems)
+
+    def _check(self, meta: dict, what: str) -> dict | None:
+        """The record's metadata if valid; else its problem is kept and None returned."""
+        try:
+            return validate.check_meta(self.path, meta, what, self.root.get("rank"))
+        except FormatError as exc:
+            self.problems.append(exc)
+            return None
 
     def _from_index(self) -> list[dict]:
-        index_meta = self.file[schema.INDEX_DATASET + "_meta"]
-        if not isinstance(index_meta, h5py.Dataset) or index_meta.ndim != 1 or index_meta.dtype.kind != "O":
-            raise FormatError(self.path, "index table is malformed", validate.NOT_A_DUMP_FIX)
-        if len(index_meta) > self.root.get("records", len(index_meta)) or len(index_meta) > 10_000_000:
+        index_meta = self._member(self.file, schema.INDEX_DATASET + "_meta", h5py.Dataset)
+        if index_meta is None or index_meta.ndim != 1 or h5py.check_string_dtype(index_meta.dtype) is None:
+            raise FormatError(self.path, "index table is malformed (not a list of JSON strings)",
+                              validate.NOT_A_DUMP_FIX)
+        size = self.size
+        validate.check_storage(self.path, index_meta, size, exact=index_meta.dtype.kind != "O")
+        declared = self.root.get("records", len(index_meta))
+        if len(index_meta) > declared or len(index_meta) > 10_000_000 or len(index_meta) * 16 > size:
             raise FormatError(self.path, "index table is longer than the segment's record count")
         # One entry at a time: entries of a hostile file could all point at one huge string, so the
         # text read so far is bounded by the file's own size.
-        budget = os.path.getsize(self.path)
-        metas, strings = [], index_meta.asstr()
+        budget = size
+        metas, strings = [], index_meta.asstr(errors="replace")
         for i in range(len(index_meta)):
             text = strings[i]
             budget -= len(text)
             if budget < 0:
                 raise FormatError(self.path, "index entries hold more text than the file has bytes")
-            meta = validate.parse_json(self.path, text, f"index entry {i}")
-            metas.append(validate.check_meta(self.path, meta, f"index entry {i}"))
+            try:
+                meta = validate.parse_json(self.path, text, f"index entry {i}")
+            except FormatError as exc:
+                self.problems.append(exc)
+                continue
+            meta = self._check(meta, f"record {meta.get('seq', i)!s:.20}")
+            if meta is not None:
+                metas.append(meta)
         return metas
 
     def _scan(self, records: h5py.Group) -> tuple[list[dict], str]:
         """Records of an uncommitted segment, in order, up to the first incomplete one."""
-        metas = []
-        for name in sorted(records):
+        metas, size = [], self.size
+        try:
+            names = sorted(records)
+        except Exception as exc:
+            return metas, f"its record list is unreadable ({type(exc).__name__})"
+        for name in names:
             try:
                 group = self._group(records, name)
-                meta = validate.check_meta(self.path, validate.parse_meta(self.path, group), f"record {name}")
-                if meta.get("stored") and meta.get("point") not in group:
-                    raise FormatError(self.path, f"record '{name}' lacks its tensor")
+                meta = validate.parse_meta(self.path, group, size)
             except FormatError as exc:
                 return metas, f"stops at record {name}: {exc.problem}"
             except Exception as exc:
                 return metas, f"stops at record {name}: {type(exc).__name__}"
+            meta = self._check(meta, f"record {name}")
+            if meta is None:
+                continue
+            if meta.get("stored", True) and meta["point"] not in group:
+                return metas, f"stops at record {name}: it lacks its tensor"
             metas.append(meta)
-        return metas, "not closed (writer killed or still running); every flushed record is kept"
+        return metas, "not closed (writer killed); every flushed record is kept"
 
     # -- tensors ---------------------------------------------------------------------------
     def _member(self, parent: h5py.Group, name: str, kind: type):
@@ -142,76 +199,148 @@ class SegmentReader:
         return group
 
     def _dataset(self, meta: dict, name: str) -> h5py.Dataset | None:
-        group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(int(meta["seq"])))
+        group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(meta["seq"]))
         return self._member(group, name, h5py.Dataset)
 
     def read_array(self, meta: dict) -> np.ndarray:
-        """The record's stored array (raw bits for bf16/fp8), checked against its metadata."""
-        point = str(meta.get("point", ""))
-        if not validate.POINT_NAME.fullmatch(point):
-            raise FormatError(self.path, f"record {meta.get('seq')} has an invalid point name {point!r}")
+        """The record's stored array (raw bits for bf16/fp8), checked against its metadata and digest."""
+        what = f"record {meta['seq']} ({meta['name']})"
         try:
-            dataset = self._dataset(meta, point)
+            dataset = self._dataset(meta, meta["point"])
             if dataset is None:
-                raise FormatError(self.path, f"record {meta.get('seq')} ({meta.get('name')}) holds stats only (mode=stats)")
-            dtype_name = str(meta.get("dtype"))
-            if dtype_name not in STORED:
-                raise FormatError(self.path, f"record {meta.get('seq')} has unknown dtype {dtype_name!r}")
-            validate.check_dataset(self.path, dataset, STORED[dtype_name][0])
-            if list(dataset.shape) != list(meta.get("shape", [])):
-                raise FormatError(
-                    self.path, f"record {meta.get('seq')}: dataset shape {dataset.shape} != recorded {meta.get('shape')}"
-                )
+                raise FormatError(self.path, f"{what} holds stats only (mode=stats)")
+            size = self.size
+            validate.check_dataset(self.path, dataset, STORED[meta["dtype"]][0], size)
+            if list(dataset.shape) != list(meta["shape"]):
+                raise FormatError(self.path, f"{what}: dataset shape {dataset.shape} != recorded {meta['shape']}")
             out = np.empty(dataset.shape, dtype=dataset.dtype)
             if out.size:
                 dataset.read_direct(out)
+            validate.check_crc(self.path, dataset, out, what, size)
             return out
         except FormatError:
             raise
         except Exception as exc:
-            raise FormatError(self.path, f"record {meta.get('seq')} is unreadable ({type(exc).__name__}: {exc})") from None
+            raise FormatError(self.path, f"{what} is unreadable ({type(exc).__name__}: {exc})") from None
 
     def read_stats(self, meta: dict) -> np.ndarray | None:
         """The record's per-head ([T, H] norm/zeros) or per-row ([T] valid count) stats array."""
+        what = f"stats of record {meta['seq']} ({meta['name']})"
         try:
-            group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(int(meta["seq"])))
-            value = validate.read_attr(self.path, group, schema.STATS_DATASET, schema.STATS_ATTR_MAX_BYTES)
+            size = self.size
+            group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(meta["seq"]))
+            value = validate.read_attr(self.path, group, schema.STATS_DATASET, schema.STATS_ATTR_MAX_BYTES, size)
             if value is None:
                 dataset = self._dataset(meta, schema.STATS_DATASET)
                 if dataset is None:
                     return None
                 expected = schema.HEAD_STATS_DTYPE if dataset.dtype.fields else schema.ROW_STATS_DTYPE
-                validate.check_dataset(self.path, dataset, expected)
+                validate.check_dataset(self.path, dataset, expected, size)
                 value = dataset[()]
-            if value.dtype not in (schema.HEAD_STATS_DTYPE, schema.ROW_STATS_DTYPE):
-                raise FormatError(self.path, f"stats of record {meta.get('seq')} have dtype {value.dtype}")
+            if not isinstance(value, np.ndarray) or value.dtype not in (schema.HEAD_STATS_DTYPE,
+                                                                        schema.ROW_STATS_DTYPE):
+                raise FormatError(self.path, f"{what} have dtype {getattr(value, 'dtype', type(value).__name__)}")
+            rows = list(meta["shape"][: value.ndim])
+            if list(value.shape) != rows:
+                raise FormatError(self.path, f"{what} have shape {list(value.shape)}, not {rows} (the record's)")
             return value
         except FormatError:
             raise
         except Exception as exc:
-            raise FormatError(self.path, f"stats of record {meta.get('seq')} are unreadable ({type(exc).__name__})") from None
+            raise FormatError(self.path, f"{what} are unreadable ({type(exc).__name__})") from None
 
 
 def read_sidecar(path: str) -> dict:
     """What a writer that failed noted beside its segment (capture_error, records_lost), if anything."""
     sidecar = path + schema.ERROR_SUFFIX
-    if not os.path.isfile(sidecar) or os.path.getsize(sidecar) > 1 << 20:
-        return {}
     try:
-        with open(sidecar, encoding="utf-8", errors="replace") as f:
-            value = validate.parse_json(sidecar, f.read(), "error note")
+        fd = validate.open_regular(sidecar)
     except (OSError, FormatError):
         return {}
-    return {k: value[k] for k in ("capture_error", "records_lost") if k in value}
+    try:
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", errors="replace")
+        value = validate.parse_json(sidecar, text, "error note")
+    except (OSError, FormatError):
+        return {}
+    note = {}
+    if isinstance(value.get("capture_error"), str):
+        note["capture_error"] = " ".join(value["capture_error"].split())[:500]
+    if isinstance(value.get("records_lost"), int) and not isinstance(value.get("records_lost"), bool):
+        note["records_lost"] = value["records_lost"]
+    return note
+
+
+def read_segment(path: str, wait_s: float = LIVE_WAIT_S) -> tuple[SegmentInfo, list[dict]]:
+    """(what the segment holds, its valid records' metadata), tolerating a writer that is still at it.
+
+    - renamed from `.tmp` to its final name between the listing and now: read under the new name;
+    - a `.tmp` that cannot be read yet (mid-flush or mid-commit) while its writer lives: retried for
+      up to `wait_s`, then reported as still being written with no record readable yet;
+    - a `.tmp` listed while its writer lives: reported as still being written (not a crash);
+      one committed while we listed it is read again, complete, under its final name.
+    Unreadable committed segments raise FormatError; an unreadable `.tmp` of a dead writer is
+    reported as a crash that left nothing readable."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        opened = live.current_name(path)
+        try:
+            reader = SegmentReader(opened)
+        except FileNotFoundError:
+            if live.current_name(path) == opened:
+                raise FormatError(path, "vanished while being read (deleted by someone else?)") from None
+            continue  # renamed meanwhile: open it under its final name
+        except FormatError as exc:
+            if not opened.endswith(schema.TMP_SUFFIX):
+                raise
+            if live.current_name(opened) != opened:
+                continue  # committed meanwhile
+            writer = live.writer_alive(opened)
+            if writer is not None and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            root = read_sidecar(opened)
+            if writer is not None:
+                return SegmentInfo(opened, False, 0, root, f"still being written by {writer} "
+                                   f"(not readable yet: {exc.problem})", live=True), []
+            return SegmentInfo(opened, False, 0, root, f"unreadable, no record survived ({exc.problem})"), []
+        try:
+            info, metas = reader.info, reader.metas
+        finally:
+            reader.close()
+        if info.committed:
+            return info, metas
+        if live.current_name(info.path) != info.path:
+            continue  # committed while we scanned it: read the final file
+        writer = live.writer_alive(info.path, info.root)
+        if writer is not None:
+            info.live = True
+            info.truncation = f"still being written by {writer}; {info.records} record(s) readable so far"
+        return info, metas
 
 
 def list_segment_paths(path: str) -> list[str]:
-    """Segments under a directory (recursively), or the file itself."""
+    """Segments under a directory (searched at most MAX_DEPTH levels deep, symbolic links to
+    directories not followed), or the file itself."""
     if os.path.isdir(path):
-        found = []
-        for root, _dirs, files in os.walk(path):
-            found.extend(os.path.join(root, f) for f in files if is_segment(f))
+        found, pending = [], [(path, 0)]
+        while pending:
+            directory, depth = pending.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError as exc:
+                raise FormatError(directory, f"cannot list the directory ({exc.strerror})") from None
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth + 1 > MAX_DEPTH:
+                        raise FormatError(path, f"holds directories nested more than {MAX_DEPTH} levels deep",
+                                          "pass the dump directory itself")
+                    pending.append((entry.path, depth + 1))
+                elif is_segment(entry.name):
+                    found.append(entry.path)
         return sorted(found)
-    if os.path.exists(path):
+    if os.path.lexists(path):
         return [path]
     raise FormatError(path, "no such file or directory", "pass a dump directory or a .tap.h5 file")

@@ -1,9 +1,17 @@
 """Checks that treat a file as untrusted before anything in it is read.
 
-No pickle anywhere. Refused: unknown format versions, links that are not hard links
-(external or soft), external raw storage, virtual datasets, filters outside the
-allow-list, non-numeric dtypes, shapes whose size exceeds the limit, contiguous data
-that claims more bytes than the file holds, oversized or non-JSON metadata.
+No pickle anywhere. Refused: anything but a regular file (a FIFO, device or socket named like a
+segment would block or never end), unknown format versions, links that are not hard links
+(external or soft), external raw storage, virtual datasets, filters outside the allow-list,
+non-numeric dtypes, declared sizes over the limits or over what the file holds, compressed data
+that would inflate past its limit, oversized or non-JSON metadata, metadata values the schema
+does not allow, and tensors whose `crc32` digest does not match.
+
+Bounds, for a dataset declaring `n` bytes (n = prod(shape) * itemsize) in a file of `size` bytes:
+    n <= MAX_RECORD_BYTES                          always
+    contiguous:       stored == n, offset + n <= size
+    chunked, plain:   n <= stored <= size           (every chunk written: no fill-value bombs)
+    chunked, filters: n <= MAX_INFLATED_BYTES and n <= MAX_INFLATE_RATIO * stored
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import io
 import json
 import math
 import os
+import stat
+import zlib
 
 import h5py
 import numpy as np
@@ -23,20 +33,58 @@ from tensortap.vocab import POINT_NAME  # noqa: F401  (re-exported)
 
 # HDF5 filter ids: deflate (gzip), shuffle, fletcher32, lzf.
 ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
+COMPRESSING_FILTERS = (1, 32000)
 NOT_A_DUMP_FIX = "pass a directory or file written by TAP=... or tensortap.configure()"
+
+# A compressed record is inflated whole into memory: bound it (a 2 MiB gzip stream can declare 2 GiB).
+MAX_INFLATED_BYTES = 1 << 30
+# deflate cannot exceed 1032:1; anything claiming more is not what a writer produced.
+MAX_INFLATE_RATIO = 1100
+COMPACT_MAX_BYTES = 64 << 10  # HDF5 compact datasets live in the object header (< 64 KiB)
+CRC_ATTR = "crc32"
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+
+
+# -- opening -----------------------------------------------------------------------------------------
+def open_regular(path: str) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file. O_NONBLOCK: opening a
+    FIFO returns at once instead of waiting for a writer; the kind is then read from the descriptor
+    itself (fstat), so a name swapped after a check cannot slip a FIFO in."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)  # FileNotFoundError is the caller's to handle (a live rename)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise FormatError(path, f"is {kind}, not a regular file; refusing to open it", NOT_A_DUMP_FIX)
+    return fd
 
 
 def open_file(path: str) -> h5py.File:
-    """Open read-only and check the root is a tensortap dump of a version this reader knows."""
+    """Open read-only and check the root is a tensortap dump of a version this reader knows.
+
+    Raises FileNotFoundError when `path` is gone (a writer renamed it): the caller re-finds it."""
+    fd = open_regular(path)
     try:
-        f = h5py.File(path, "r", locking=False)
-    except (OSError, ValueError) as exc:
-        f = _open_short_tmp(path, exc)
-        if f is None:
-            reason = str(exc).split("(")[0].strip().rstrip(",") or type(exc).__name__
-            raise FormatError(path, f"not a readable HDF5 file ({reason})", NOT_A_DUMP_FIX) from None
+        by_fd = f"/proc/self/fd/{fd}"
+        name = by_fd if os.path.exists(by_fd) else path  # the very file checked above
+        try:
+            f = h5py.File(name, "r", locking=False)
+        except (OSError, ValueError) as exc:
+            f = _open_short_tmp(path, fd, exc)
+            if f is None:
+                reason = str(exc).split("(")[0].strip().rstrip(",") or type(exc).__name__
+                raise FormatError(path, f"not a readable HDF5 file ({reason})", NOT_A_DUMP_FIX) from None
+    finally:
+        os.close(fd)
     try:
-        version = f.attrs.get("tensortap_format")
+        version = read_attr(path, f, "tensortap_format", 64, file_size(f))
         if isinstance(version, np.generic):
             version = version.item()
         if version is None:
@@ -58,11 +106,19 @@ def open_file(path: str) -> h5py.File:
         raise FormatError(path, f"corrupted HDF5 structure ({type(exc).__name__}: {exc})", NOT_A_DUMP_FIX) from None
 
 
+def file_size(f: h5py.File) -> int:
+    """Bytes the open file holds now (a live segment grows)."""
+    try:
+        return os.fstat(f.id.get_vfd_handle()).st_size
+    except Exception:  # a file-object driver (the zero-padded view): HDF5's own end of file
+        return f.id.get_filesize()
+
+
 class _ZeroPadded(io.RawIOBase):
     """A read-only view of a file that reads as zeros past its end, up to `size` bytes."""
 
-    def __init__(self, path: str, size: int):
-        self._file = open(path, "rb")
+    def __init__(self, fd: int, size: int):
+        self._file = os.fdopen(os.dup(fd), "rb")
         self._real = os.fstat(self._file.fileno()).st_size
         self._size = max(size, self._real)
         self._pos = 0
@@ -97,19 +153,18 @@ class _ZeroPadded(io.RawIOBase):
         super().close()
 
 
-def _open_short_tmp(path: str, error: Exception) -> h5py.File | None:
+def _open_short_tmp(path: str, fd: int, error: Exception) -> h5py.File | None:
     """A `.tmp` segment whose writer failed mid-flush may claim more bytes than it holds: read it zero-padded."""
     if not path.endswith(schema.TMP_SUFFIX) or "truncated file" not in str(error):
         return None
     try:
-        with open(path, "rb") as raw:
-            head = raw.read(36)
+        head = os.pread(fd, 36, 0)
         if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
             return None
         stored_eof = int.from_bytes(head[28:36], "little")  # superblock v2/v3: end-of-file address
-        if stored_eof > os.path.getsize(path) + schema.MAX_RECORD_BYTES:
+        if stored_eof > os.fstat(fd).st_size + schema.MAX_RECORD_BYTES:
             return None
-        return h5py.File(_ZeroPadded(path, stored_eof), "r")
+        return h5py.File(_ZeroPadded(fd, stored_eof), "r")
     except Exception:
         return None
 
@@ -125,59 +180,99 @@ def check_links(path: str, group: h5py.Group) -> None:
             )
 
 
-def check_dataset(path: str, dataset: h5py.Dataset, expect_dtype: np.dtype | None = None) -> int:
-    """Refuse datasets that could read outside the file, decompress without bound or lie about size.
-
-    Returns the dataset's declared size in bytes.
-    """
+# -- datasets ------------------------------------------------------------------------------------------
+def check_storage(path: str, dataset: h5py.Dataset, size: int, exact: bool = True) -> int:
+    """Refuse a dataset that maps other files, uses an unknown filter, or declares more than its storage
+    can hold (see the bounds in the module docstring). `exact=False` for variable-length strings, whose
+    bytes live in the file's heap. Returns the declared size in bytes."""
     where = f"'{dataset.name}'"
     if dataset.is_virtual:
         raise FormatError(path, f"{where} is a virtual dataset (maps other files); refusing to read it")
     plist = dataset.id.get_create_plist()
     if plist.get_external_count() > 0:
         raise FormatError(path, f"{where} uses external raw storage (data in another file); refusing to read it")
-    for i in range(plist.get_nfilters()):
-        filter_id = plist.get_filter(i)[0]
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    for filter_id in filters:
         if filter_id not in ALLOWED_FILTERS:
             raise FormatError(
                 path, f"{where} uses HDF5 filter {filter_id}; allowed: {', '.join(ALLOWED_FILTERS.values())}"
             )
+    shape = dataset.shape or ()
+    if len(shape) > schema.MAX_NDIM:
+        raise FormatError(path, f"{where} has {len(shape)} dimensions (at most {schema.MAX_NDIM})")
+    nbytes = math.prod(shape) * dataset.dtype.itemsize
+    if nbytes > schema.MAX_RECORD_BYTES:
+        raise FormatError(
+            path, f"{where} declares {human_bytes(nbytes)}, over the {human_bytes(schema.MAX_RECORD_BYTES)} limit of a record"
+        )
+    stored = dataset.id.get_storage_size()
+    layout = plist.get_layout()
+    if stored > size:
+        raise FormatError(path, f"{where} claims {human_bytes(stored)} of storage in a {human_bytes(size)} file")
+    if not exact or nbytes == 0:
+        return nbytes
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dataset.id.get_offset()
+        if stored != nbytes or offset is None or offset + nbytes > size:
+            raise FormatError(
+                path, f"{where} declares {human_bytes(nbytes)} but the file holds {human_bytes(stored)} of it (truncated?)"
+            )
+    elif layout == h5py.h5d.COMPACT:
+        if nbytes > COMPACT_MAX_BYTES:
+            raise FormatError(path, f"{where} is a compact dataset declaring {human_bytes(nbytes)}")
+    elif not any(f in COMPRESSING_FILTERS for f in filters):
+        if stored < nbytes:  # unwritten chunks read as fill values: a 40 KB file could declare 64 GiB
+            raise FormatError(path, f"{where} declares {human_bytes(nbytes)} but stores {human_bytes(stored)} of it")
+    elif nbytes > MAX_INFLATED_BYTES or nbytes > MAX_INFLATE_RATIO * stored:
+        raise FormatError(
+            path, f"{where} declares {human_bytes(nbytes)} compressed into {human_bytes(stored)}; compressed "
+                  f"records inflate to at most {human_bytes(MAX_INFLATED_BYTES)} (at most {MAX_INFLATE_RATIO}:1), "
+                  f"refusing to inflate it"
+        )
+    return nbytes
+
+
+def check_dataset(path: str, dataset: h5py.Dataset, expect_dtype: np.dtype | None, size: int) -> int:
+    """A tensor or stats dataset: numeric (or exactly `expect_dtype`) and within its storage."""
+    where = f"'{dataset.name}'"
     dtype = dataset.dtype
     if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
         if expect_dtype is None or dtype != expect_dtype:
             raise FormatError(path, f"{where} has dtype {dtype}, not a numeric tensor")
     if expect_dtype is not None and dtype != expect_dtype:
         raise FormatError(path, f"{where} has dtype {dtype}, expected {expect_dtype}")
-    shape = dataset.shape or ()
-    if len(shape) > schema.MAX_NDIM:
-        raise FormatError(path, f"{where} has {len(shape)} dimensions (at most {schema.MAX_NDIM})")
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > schema.MAX_RECORD_BYTES:
-        raise FormatError(
-            path, f"{where} declares {human_bytes(nbytes)}, over the {human_bytes(schema.MAX_RECORD_BYTES)} limit of a record"
-        )
-    file_size = os.path.getsize(path)
-    stored = dataset.id.get_storage_size()
-    if plist.get_layout() == h5py.h5d.CONTIGUOUS and plist.get_nfilters() == 0 and nbytes > 0:
-        offset = dataset.id.get_offset()
-        if stored != nbytes or offset is None or offset + nbytes > file_size:
-            raise FormatError(
-                path, f"{where} declares {human_bytes(nbytes)} but the file holds {human_bytes(stored)} of it (truncated?)"
-            )
-    elif stored > file_size:
-        raise FormatError(path, f"{where} claims more stored bytes than the file has")
-    return nbytes
+    return check_storage(path, dataset, size)
 
 
-def read_attr(path: str, obj, name: str, max_bytes: int = schema.MAX_META_CHARS):
-    """An attribute's value, or None when absent; its declared size is checked before it is read."""
+def check_crc(path: str, dataset: h5py.Dataset, array: np.ndarray, what: str, size: int) -> None:
+    """The optional digest of the stored bytes: zlib.crc32 over the array in C order (uint32)."""
+    expected = read_attr(path, dataset, CRC_ATTR, 64, size)
+    if expected is None:
+        return
+    if isinstance(expected, np.ndarray) and expected.size == 1:
+        expected = expected.reshape(())[()]
+    if isinstance(expected, np.generic):
+        expected = expected.item()
+    if not isinstance(expected, int) or isinstance(expected, bool) or not 0 <= expected < 1 << 32:
+        raise FormatError(path, f"{what}: its crc32 attribute is not an unsigned 32-bit integer ({expected!r})")
+    actual = zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")) if array.size else 0
+    if actual != expected:
+        raise FormatError(path, f"{what}: stored bytes fail their crc32 check ({actual:#010x} != {expected:#010x}); "
+                                f"the file was changed after capture", "recapture, or restore the file")
+
+
+# -- attributes and metadata -------------------------------------------------------------------------
+def read_attr(path: str, obj, name: str, max_bytes: int = schema.MAX_META_CHARS, size: int | None = None):
+    """An attribute's value, or None when absent; its declared size is checked (against `max_bytes`
+    and the file's `size`) before it is read."""
     if name not in obj.attrs:
         return None
     attr = obj.attrs.get_id(name)
     count = math.prod(attr.shape or ())
     nbytes = count * attr.dtype.itemsize
     variable_string = h5py.check_string_dtype(attr.dtype) is not None and attr.dtype.kind == "O"
-    if (attr.dtype.kind not in "biufSV" and not (variable_string and count <= 1)) or nbytes > max_bytes:
+    if (attr.dtype.kind not in "biufSV" and not (variable_string and count <= 1)) or nbytes > max_bytes \
+            or (size is not None and nbytes > size):
         raise FormatError(path, f"attribute '{name}' of '{obj.name}' is not a bounded plain value "
                                 f"({attr.dtype}, {human_bytes(nbytes)})")
     value = obj.attrs[name]
@@ -186,51 +281,141 @@ def read_attr(path: str, obj, name: str, max_bytes: int = schema.MAX_META_CHARS)
     return value
 
 
-def parse_meta(path: str, group: h5py.Group) -> dict:
+def parse_meta(path: str, group: h5py.Group, size: int) -> dict:
     """The record's JSON metadata attribute, bounded in size, as a dict."""
-    raw = read_attr(path, group, schema.META_ATTR)
+    raw = read_attr(path, group, schema.META_ATTR, schema.MAX_META_CHARS, size)
     if raw is None:
         raise FormatError(path, f"'{group.name}' has no '{schema.META_ATTR}' attribute")
     return parse_json(path, raw, f"'{group.name}' metadata")
 
 
 def parse_json(path: str, raw, what: str, kind: type = dict):
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw[()]
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
     if not isinstance(raw, str) or len(raw) > schema.MAX_META_CHARS:
         raise FormatError(path, f"{what} is not a JSON string of bounded size")
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FormatError(path, f"{what} is not valid JSON") from None
     if not isinstance(value, kind):
         raise FormatError(path, f"{what} is not a JSON {kind.__name__}")
+    if "\\u" in raw:  # escapes can spell lone surrogates, which no output can encode
+        bad = unencodable(value)
+        if bad is not None:
+            raise FormatError(path, f"{what}: {bad} holds a string that is not valid Unicode")
     return value
 
 
-def check_meta(path: str, meta: dict, what: str) -> dict:
-    """A record's metadata against the schema: what the reader and the analyzer rely on is well formed."""
+def unencodable(value, where: str = "") -> str | None:
+    """The first place in a JSON value (key path) holding a string UTF-8 cannot encode, or None."""
+    stack = [(where, value)]
+    while stack:
+        place, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return place or "a value"
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"a key under {place or 'the root'}"
+                stack.append((place or f"key '{key}'", sub))
+        elif isinstance(item, list):
+            stack.extend((place, sub) for sub in item)
+    return None
+
+
+# Fields a record cannot do without; a null in any of them is malformed (elsewhere null means absent).
+REQUIRED = ("seq", "name", "point", "dtype", "shape")
+STATS_FLOATS = ("absmax",)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_meta(path: str, meta: dict, what: str, root_rank=None) -> dict:
+    """A record's metadata against the schema (schema.RECORD_FIELDS): what the reader and the analyzer
+    rely on is well formed, or FormatError names the file, the record (`what`) and the key.
+
+    Nulls in optional fields are dropped (absent); a missing rank is the segment's."""
     from tensortap.format.codecs import STORED
 
-    def bad(problem: str) -> FormatError:
-        return FormatError(path, f"{what}: {problem}", NOT_A_DUMP_FIX)
+    name = meta.get("name")
+    if isinstance(name, str) and name:
+        what = f"{what} ({name[:80]})"
 
-    if not isinstance(meta.get("name"), str) or not POINT_NAME.fullmatch(str(meta.get("point", ""))):
-        raise bad("no valid name/point")
-    if meta.get("dtype") not in STORED:
-        raise bad(f"unknown dtype {meta.get('dtype')!r}")
-    shape = meta.get("shape")
-    if (not isinstance(shape, list) or len(shape) > schema.MAX_NDIM
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-        raise bad(f"invalid shape {shape!r}")
-    if math.prod(shape) * STORED[meta["dtype"]][0].itemsize > schema.MAX_RECORD_BYTES:
-        raise bad(f"shape {shape} declares more than {human_bytes(schema.MAX_RECORD_BYTES)}")
+    def bad(key: str, problem: str) -> FormatError:
+        return FormatError(path, f"{what}: key '{key}': {problem}")
+
+    for key in REQUIRED + ("rank",):
+        if key in meta and meta[key] is None:
+            raise bad(key, "is null")
+    for key in [k for k, v in meta.items() if v is None]:
+        del meta[key]
+    if "rank" not in meta and root_rank is not None:
+        meta["rank"] = root_rank
+    for key in REQUIRED:
+        if key not in meta:
+            raise bad(key, "is missing")
     for key, value in meta.items():
         problem = schema.field_problem(key, value)
         if problem is not None:
-            raise bad(problem)
-    if not isinstance(meta.get("seq"), int) or isinstance(meta.get("seq"), bool):
-        raise bad("no record number (seq)")
+            raise bad(key, problem)
+    point = meta["point"]
+    if not POINT_NAME.fullmatch(point):
+        raise bad("point", f"{point!r} is not a point name")
+    if meta["name"].rsplit(".", 1)[-1] != point or not meta["name"].isprintable() or len(meta["name"]) > 256:
+        raise bad("name", f"{meta['name'][:80]!r} is not a printable dotted name ending in its point {point!r}")
+    if meta["dtype"] not in STORED:
+        raise bad("dtype", f"unknown dtype {meta['dtype']!r}")
+    shape = meta["shape"]
+    if len(shape) > schema.MAX_NDIM or any(n < 0 for n in shape):
+        raise bad("shape", f"invalid shape {shape!r}")
+    if math.prod(shape) * STORED[meta["dtype"]][0].itemsize > schema.MAX_RECORD_BYTES:
+        raise bad("shape", f"shape {shape} declares more than {human_bytes(schema.MAX_RECORD_BYTES)}")
+    for key in ("seq", "rank"):
+        if key in meta and meta[key] < 0:
+            raise bad(key, f"is negative ({meta[key]})")
+    for key, value in meta.get("stats", {}).items():
+        if key in schema.INT_STATS:
+            ok = _is_int(value) and value >= 0
+        elif key in STATS_FLOATS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise bad(f"stats.{key}", f"is not a {'count' if key in schema.INT_STATS else 'number'} ({value!r})")
+    for key, value in meta.items():
+        if isinstance(value, float) and schema.FIELDS.get(key) is not None and not math.isfinite(value):
+            raise bad(key, f"is not finite ({value!r})")
     return meta
 
 
+def check_root(path: str, root: dict) -> dict:
+    """Root attributes the reader relies on (schema.ROOT_INTS, ROOT_STRS, ROOT_JSON) are well formed."""
+    def bad(key: str, problem: str) -> FormatError:
+        return FormatError(path, f"root attribute '{key}' {problem}", NOT_A_DUMP_FIX)
+
+    for key in schema.ROOT_INTS:
+        value = root.get(key)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise bad(key, f"is not a non-negative integer ({value!r:.80})")
+    for key in schema.ROOT_STRS:
+        value = root.get(key)
+        if value is not None and (not isinstance(value, str) or not value.isprintable() or len(value) > 256):
+            raise bad(key, f"is not a printable string ({value!r:.80})")
+    for key, kind in schema.ROOT_JSON.items():
+        value = root.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise bad(key, f"is not a JSON {kind.__name__}")
+    bad_place = unencodable(root)
+    if bad_place is not None:
+        raise bad(bad_place.removeprefix("key ").strip("'"), "holds a string that is not valid Unicode")
+    return root
