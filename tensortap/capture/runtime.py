@@ -360,7 +360,8 @@ class Tap:
         rank = info.get("rank") if info.get("rank") is not None else self.rank_and_world({})[0]
         meta = {"name": "tensortap.trigger", "point": "trigger", "step": info.get("step"), "rank": rank,
                 "world_size": self.rank_and_world({})[1], "trigger": {k: v for k, v in info.items() if v is not None},
-                "seq": next(self._seq), "time_ns": time.time_ns(), "dropped_before": self.counters.dropped}
+                "seq": next(self._seq), "time_ns": time.time_ns(), "dropped_before": self.counters.dropped,
+                "dtype": "int64", "shape": [1]}
         if meta["step"] is None:
             meta.pop("step")
         staged = self.stager.stage({"data": torch.tensor([info["value"]], dtype=torch.int64)})

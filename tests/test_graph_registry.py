@@ -1,0 +1,153 @@
+"""CUDA-graph slots on the CPU: the capture/replay hooks driven by a fake graph class.
+
+A fake graph's capture_begin/capture_end/replay are hooked exactly as torch.cuda.CUDAGraph's are;
+its "kernels" (what a real replay would recompute) write new values into the slot buffers."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tensortap
+from tensortap.capture import graphs, runtime
+
+
+class FakeGraph:
+    def __init__(self):
+        self.kernels = lambda: None
+
+    def capture_begin(self, *args, **kwargs):
+        pass
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        self.kernels()
+
+
+@pytest.fixture
+def hooked():
+    graphs.install(FakeGraph, runtime._GRAPH_HOOKS)
+    yield FakeGraph
+    graphs.uninstall(FakeGraph)
+
+
+def capture(graph, tokens=4, width=8, points=("hidden",), layer=3, **scope):
+    """Capture `points` into `graph` (warm-up style scope); returns the slot buffers by point."""
+    graph.capture_begin()
+    with tensortap.scope(step=-1, role="target", phase="capture", **scope):
+        for point in points:
+            tensortap.point(f"layers.{layer}.attn.{point}", torch.zeros(tokens, width))
+    graph.capture_end()
+    entry = runtime._tap.graphs._graphs.get(id(graph))
+    return {slot.point: slot.buffers for slot in entry.slots} if entry else {}
+
+
+def test_replays_record_the_replayed_values_with_the_replay_step(tap_dir, hooked):
+    tensortap.configure(dir=tap_dir)
+    g = FakeGraph()
+    slots = capture(g, tokens=4)
+    assert tensortap.stats()["records"] == 0 and len(slots) == 1, "capture records a slot, not a record"
+    values = [torch.full((4, 8), float(s)) + torch.arange(8.0) for s in range(3)]  # [4, 8] per step
+    for step in range(3):
+        g.kernels = lambda s=step: slots["hidden"]["data"].copy_(values[s])
+        with tensortap.scope(step=step + 100, role="target", spec_pos=None, num_tokens=3, req_ids=["a", "b", "c"]):
+            g.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert d.steps == [100, 101, 102]
+    for step in range(3):
+        rec = d.record("hidden", step=step + 100)
+        assert torch.equal(rec.tensor(), values[step][:3]), "padding rows past num_tokens are trimmed"
+        assert rec.meta["phase"] == "run" and rec.meta["num_tokens"] == 3 and rec.meta["req_ids"] == ["a", "b", "c"]
+        assert rec.meta["graph"] == 0 and rec.layer == 3 and rec.role == "target"
+
+
+def test_two_graphs_keep_their_slots_apart(tap_dir, hooked):
+    tensortap.configure(dir=tap_dir)
+    small, big = FakeGraph(), FakeGraph()
+    s1 = capture(small, tokens=2)
+    s2 = capture(big, tokens=8)
+    small.kernels = lambda: s1["hidden"]["data"].fill_(1.0)
+    big.kernels = lambda: s2["hidden"]["data"].fill_(2.0)
+    with tensortap.scope(step=0, role="target"):
+        big.replay()
+    with tensortap.scope(step=1, role="target"):
+        small.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert d.record("hidden", step=0).tensor().shape == (8, 8) and float(d.get("hidden", step=0)[0, 0]) == 2.0
+    assert d.record("hidden", step=1).tensor().shape == (2, 8) and float(d.get("hidden", step=1)[0, 0]) == 1.0
+    assert {r.meta["graph"] for r in d} == {0, 1}
+
+
+def test_a_recapture_replaces_the_slots_and_the_filter_applies_at_replay(tap_dir, hooked):
+    tensortap.configure(dir=tap_dir, steps="5-6", points="hidden,lse")
+    g = FakeGraph()
+    capture(g, points=("hidden", "q"))  # q is filtered out by its name, at capture
+    slots = capture(g, points=("hidden", "lse"))  # the same graph captured again
+    assert sorted(slots) == ["hidden", "lse"]
+    for step in range(4, 8):
+        with tensortap.scope(step=step, role="draft", spec_pos=1):
+            g.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert d.steps == [5, 6] and sorted(d.points) == ["hidden", "lse"] and len(d) == 4
+    assert {(r.meta["spec_pos"], r.role) for r in d} == {(1, "draft")}, "the host scope at replay wins"
+
+
+def test_the_graph_budget_stops_slots_with_one_message(tap_dir, hooked, caplog):
+    tensortap.configure(dir=tap_dir, graph_bytes=200)
+    g = FakeGraph()
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        slots = capture(g, tokens=4, width=8, points=("hidden", "lse", "q"))  # 128 bytes each
+    assert sorted(slots) == ["hidden"]
+    with tensortap.scope(step=0):
+        g.replay()
+    tensortap.close()
+    counters = tensortap.stats()
+    assert counters["graph_skipped"] == 2 and counters["records"] == 1
+    assert len([r for r in caplog.records if "graph_bytes" in r.getMessage()]) == 1
+
+
+def test_scope_tensor_metadata_inside_the_capture_is_replayed(tap_dir, hooked):
+    """A tensor given to a scope inside the capture is snapshotted once into a slot: replays carry its values."""
+    tensortap.configure(dir=tap_dir)
+    g = FakeGraph()
+    lens = torch.tensor([5, 7])
+    g.capture_begin()
+    with tensortap.scope(step=-1, role="target", seq_lens=lens.cuda() if torch.cuda.is_available() else lens):
+        tensortap.point("layers.0.attn.lse", torch.zeros(2, 4))
+    g.capture_end()
+    with tensortap.scope(step=0):
+        g.replay()
+    tensortap.close()
+    assert tensortap.open(tap_dir).record("lse").meta["seq_lens"] == [5, 7]
+
+
+def test_wants_inside_a_capture_ignores_the_step():
+    tensortap.configure(dir="/tmp/unused-tap", steps="100")
+    graphs.install(FakeGraph, runtime._GRAPH_HOOKS)
+    try:
+        g = FakeGraph()
+        assert not tensortap.wants("layers.0.attn.q", step=0)
+        g.capture_begin()
+        assert tensortap.wants("layers.0.attn.q", step=0), "the step is known only at replay"
+        g.capture_end()
+    finally:
+        graphs.uninstall(FakeGraph)
+        tensortap.configure()
+
+
+HOOKED = "import torch, tensortap; tensortap.point; print(hasattr(torch.cuda.CUDAGraph.replay, '__wrapped__'))"
+
+
+@pytest.mark.parametrize("tap, patched", [("", "False"), ("{dir}", "True")])
+def test_cuda_graph_is_patched_only_when_tap_is_set(tmp_path, tap, patched):
+    env = dict(os.environ, TAP=tap.format(dir=tmp_path / "t"))
+    done = subprocess.run([sys.executable, "-c", HOOKED], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == patched, done.stderr
