@@ -8,7 +8,10 @@ import h5py
 import torch
 
 import tensortap
-from tensortap.capture import stats as capture_stats
+try:  # stats live next to the format (issue 13); older checkouts kept them in capture/
+    from tensortap.format import stats as capture_stats
+except ImportError:  # pragma: no cover
+    from tensortap.capture import stats as capture_stats
 from tensortap.format import schema
 from tensortap.format.codecs import encode
 

@@ -28,6 +28,22 @@ class Forward:
             self._records[(rec.point, rec.rank)] = rec
         self._cache: dict[tuple[str, int, str], np.ndarray] = {}
         self.bytes_read = 0
+        self.status: dict[str, tuple] = {}
+        self.last_record: Record | None = None  # the record read last: named when a detector fails  # detector code -> why it did not verify this forward in full
+
+    # -- coverage: what a detector could not do on this forward ----------------------------------------
+    def skip(self, code: str, reason: str, gap: bool = False) -> None:
+        """`code` could not check (part of) this forward. `gap`: a bug could cause this reason."""
+        prior = self.status.get(code)
+        if prior is None or prior[0] == "inapplicable" or (gap and not prior[2]):
+            self.status[code] = ("skipped", reason, gap)
+
+    def inapplicable(self, code: str, reason: str) -> None:
+        """Nothing in this forward for `code` to check (e.g. DCP 1 for the merge audit)."""
+        self.status.setdefault(code, ("inapplicable", reason))
+
+    def needs_tensors(self, code: str, point: str, rank: int) -> None:
+        self.skip(code, f"needs full tensors of {point} (stats only, mode=stats)")
 
     # -- records and metadata --------------------------------------------------------------------
     def record(self, point: str, rank: int) -> Record | None:
@@ -52,6 +68,12 @@ class Forward:
     def metas(self) -> dict[int, dict]:
         return {rank: self.meta(rank) for rank in self.ranks()}
 
+    def describe_last(self) -> str:
+        rec = self.last_record
+        if rec is None:
+            return ""
+        return f"{rec.name} rank {rec.rank} seq {rec.meta.get('seq')} in {rec.path}"
+
     def where(self, **extra) -> dict:
         """Location fields of a finding in this forward."""
         return dict(step=self.step, layer=self.layer, role=self.role, spec_pos=self.spec_pos, **extra)
@@ -64,6 +86,7 @@ class Forward:
             return None
         key = (point, rank, "raw" if exact else "value")
         if key not in self._cache:
+            self.last_record = rec
             if exact:
                 value = rec.raw()
             elif rec.dtype in FLOAT_NAMES:
@@ -73,6 +96,29 @@ class Forward:
             self.bytes_read += rec.nbytes
             self._cache[key] = value
         return self._cache[key]
+
+    def stats_array(self, point: str, rank: int) -> np.ndarray | None:
+        """The capture-time stats array (head norm/zeros [T, H], valid-per-row [T]) of a record, or None."""
+        rec = self.record(point, rank)
+        if rec is None:
+            return None
+        key = (point, rank, "stats")
+        if key not in self._cache:
+            self.last_record = rec
+            self._cache[key] = rec.stats_array()
+        return self._cache[key]
+
+    def rows_valid(self, point: str, rank: int) -> np.ndarray | None:
+        """[T] number of valid (>= 0) indices per row of an index point, from the tensor or its stats."""
+        arr = self.array(point, rank)
+        if arr is not None:
+            return (arr >= 0).sum(axis=-1) if arr.ndim == 2 else None  # [T]
+        stats = self.stats_array(point, rank)
+        return None if stats is None or stats.ndim != 1 else stats.astype(np.int64)  # [T]
+
+    def stored(self, point: str, rank: int) -> bool:
+        rec = self.record(point, rank)
+        return rec is not None and rec.stored
 
     def release(self) -> None:
         """Drop the tensors read so far (the records stay)."""

@@ -20,6 +20,7 @@ from tensortap.analysis.findings import Finding
 from tensortap.analysis.forward import Forward
 from tensortap.text import span
 from tensortap.format.codecs import FP8_VALUES, to_float
+from tensortap.analysis.merge_audit import max_abs_error
 from tensortap.tolerances import tolerance
 
 LATENT, SCALES_END, TOKEN_BYTES, TILE = 512, 528, 656, 128
@@ -30,6 +31,8 @@ def dequantize(rows: np.ndarray) -> np.ndarray:
     """fp8_ds_mla rows [..., 656] uint8 -> [..., 576] float64: latent * tile scale, then rope."""
     lead = rows.shape[:-1]
     flat = rows.reshape(-1, TOKEN_BYTES)  # [N, 656]
+    if flat.shape[0] == 0:  # a rank that owns none of the selected tokens
+        return np.zeros(lead + (LATENT + 64,), dtype=np.float64)  # [..., 576]
     latent = FP8_VALUES["float8_e4m3fn"][flat[:, :LATENT]]  # [N, 512]
     scales = np.ascontiguousarray(flat[:, LATENT:SCALES_END]).view("<f4").astype(np.float64)  # [N, 4]
     latent = (latent.reshape(-1, LATENT // TILE, TILE) * scales[..., None]).reshape(-1, LATENT)  # [N, 512]
@@ -50,7 +53,33 @@ def attention(q: np.ndarray, kv: np.ndarray, valid: np.ndarray, scale: float) ->
 
 
 class Incomplete(Exception):
-    """The dump lacks something the recompute needs (a page, a point); the reason is the message."""
+    """The dump lacks something the recompute needs (a page, a point); the reason is the message.
+
+    `gap`: a bug could cause this (a page the sharding says was read is not in the dump), as
+    opposed to a point the capture filter left out."""
+
+    def __init__(self, reason: str, gap: bool = False):
+        super().__init__(reason)
+        self.gap = gap
+
+
+def read_slots(fw: Forward, rank: int, slots: np.ndarray) -> np.ndarray:
+    """Dequantised KV [..., 576] at physical `slots` [...] (>= 0) of `rank`, from its dumped kv_pages."""
+    meta, rec = fw.meta(rank), fw.record("kv_pages", rank)
+    if rec is None or fw.record("block_table", rank) is None:
+        raise Incomplete(f"rank {rank} has no block_table or kv_pages")
+    pages = fw.array("kv_pages", rank, exact=True)
+    if pages is None:
+        raise Incomplete("needs full tensors of kv_pages (stats only, mode=stats)")
+    block_size = int(meta.get("block_size") or 0)
+    if block_size <= 0 or pages.ndim != 3 or pages.shape[-1] != TOKEN_BYTES or pages.shape[1] != block_size:
+        raise Incomplete(f"rank {rank}: kv_pages {list(pages.shape)} is not [P, block_size, {TOKEN_BYTES}] "
+                         f"(kv_format {meta.get('kv_format')})", gap=True)
+    wanted = slots // block_size  # [...]
+    page, found = layout.page_lookup(rec.meta.get("page_ids") or [], wanted.reshape(-1))  # [M], [M]
+    if not found.all():
+        raise Incomplete(f"rank {rank} did not dump page {int(wanted.reshape(-1)[~found][0])}", gap=True)
+    return dequantize(pages[page, slots.reshape(-1) % block_size]).reshape(slots.shape + (LATENT + 64,))
 
 
 def _gather_kv(fw: Forward, group: list[int], topk: np.ndarray, requests: np.ndarray) -> np.ndarray:
@@ -58,18 +87,17 @@ def _gather_kv(fw: Forward, group: list[int], topk: np.ndarray, requests: np.nda
     kv = np.zeros(topk.shape + (LATENT + 64,), dtype=np.float64)  # [T, K, 576]
     for rank in group:
         meta = fw.meta(rank)
-        table, pages, rec = fw.array("block_table", rank), fw.array("kv_pages", rank, exact=True), fw.record("kv_pages", rank)
-        if table is None or pages is None:
-            raise Incomplete(f"rank {rank} has no block_table or kv_pages")
-        block_size = int(meta["block_size"])
-        slots = layout.owned_slots(topk, requests, table, block_size, int(meta.get("kv_dcp_size") or 1),
-                                   int(meta.get("group_dcp_rank") or 0), int(meta.get("interleave") or 1))  # [T, K]
-        here = slots >= 0
-        wanted = slots[here] // block_size  # [M]
-        page, found = layout.page_lookup(rec.meta.get("page_ids", []), wanted)  # [M], [M]
-        if not found.all():
-            raise Incomplete(f"rank {rank} did not dump page {int(wanted[~found][0])}")
-        kv[here] = dequantize(pages[page, slots[here] % block_size])  # [M, 576]
+        table = fw.array("block_table", rank)
+        if table is None or table.ndim != 2 or table.shape[1] == 0:
+            raise Incomplete(f"rank {rank} has no block_table")
+        if len(requests) and requests.max() >= table.shape[0]:
+            raise Incomplete(f"rank {rank}: req_ids point past the block table's {table.shape[0]} rows", gap=True)
+        n, r, interleave = int(meta.get("kv_dcp_size") or meta.get("group_dcp_size") or 1), \
+            int(meta.get("group_dcp_rank") or 0), int(meta.get("interleave") or 1)
+        slots = layout.owned_slots(topk, requests, table, int(meta.get("block_size") or 1), n, r, interleave)  # [T, K]
+        here = slots >= 0  # [T, K]
+        if here.any():
+            kv[here] = read_slots(fw, rank, slots[here])  # [M, 576]
     return kv
 
 
@@ -86,25 +114,30 @@ def _queries(fw: Forward, group: list[int]) -> dict[int, np.ndarray]:
     return heads
 
 
-def oracle_mismatch(fw: Forward, notes: list[str] | None = None) -> list[Finding]:
+def oracle_mismatch(fw: Forward) -> list[Finding]:
     findings = []
     for group in fw.dcp_groups():
         try:
             findings.extend(_check_group(fw, group))
         except Incomplete as why:
-            if notes is not None:
-                notes.append(f"oracle skipped for {fw.role} layer {fw.layer} step {fw.step}: {why}")
+            fw.skip("oracle-mismatch", str(why), gap=why.gap)
     return findings
 
 
 def _check_group(fw: Forward, group: list[int]) -> list[Finding]:
+    if fw.record("topk", group[0]) is None:
+        raise Incomplete("no topk")
     topk = fw.array("topk", group[0])
     if topk is None:
-        raise Incomplete("no topk")
+        raise Incomplete("needs full tensors of topk (stats only, mode=stats)")
     meta = fw.meta(group[0])
     requests = layout.rows_to_requests(meta, topk.shape[0])
-    if requests is None:
+    if requests is None or topk.ndim != 2:
         raise Incomplete("cannot map query rows to requests (no req_ids)")
+    if meta.get("softmax_scale") is None:
+        raise Incomplete("no softmax_scale in the metadata")
+    if not fw.ranks("merged_out"):
+        raise Incomplete("no merged_out")
     queries = _queries(fw, group)
     scale = float(meta["softmax_scale"])
     merged = {}
@@ -115,7 +148,9 @@ def _check_group(fw: Forward, group: list[int]) -> list[Finding]:
         offset = int(rec.meta.get("head_offset") or 0)
         heads = [offset + h for h in range(actual.shape[1])]
         if any(h not in queries for h in heads):
-            raise Incomplete(f"no query for some heads of rank {rank}")
+            raise Incomplete(f"no query for some heads of rank {rank}", gap=bool(queries))
+        if actual.ndim != 3 or actual.shape[0] != topk.shape[0]:
+            raise Incomplete(f"merged_out of rank {rank} has {list(actual.shape)}, not [T, H, 512]", gap=True)
         merged[rank] = (rec, actual, heads, np.stack([queries[h] for h in heads], axis=1))  # q [T, H_tp, 576]
     bad_ranks, bad_heads, worst, total = set(), set(), 0.0, 0
     for start in range(0, topk.shape[0], ORACLE_ROWS):  # a few query rows at a time: bounded memory
@@ -127,7 +162,7 @@ def _check_group(fw: Forward, group: list[int]) -> list[Finding]:
             if bad.any():
                 bad_ranks.add(rank)
                 bad_heads.update(heads[h] for h in np.flatnonzero(bad.any(axis=0)))
-                worst = max(worst, float(np.nanmax(np.abs(actual[rows] - expected))))
+                worst = max(worst, max_abs_error(actual[rows], expected))
                 total = int(rec.meta.get("num_heads") or 0) or total
     bad_ranks, bad_heads = sorted(bad_ranks), sorted(bad_heads)
     if not bad_ranks:

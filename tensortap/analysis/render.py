@@ -34,6 +34,8 @@ def _print_rows(rows: list[tuple[Finding, list]], counts: dict[tuple, int], cons
             line.append(f"  ranks {span(f.ranks)}")
         if f.heads:
             line.append(f"  heads {span(f.heads)}")
+        if f.op:
+            line.append(f"  op {f.op}")
         console.print(line)
         console.print(Text("         " + f.message, style="dim" if f.severity == "info" else ""))
 
@@ -58,15 +60,33 @@ def render(report: Report, console: Console) -> None:
         console.print()
     for note in report.notes:
         console.print(Text("note ", style="cyan"), Text(note))
+    for line in coverage_lines(report):
+        console.print(Text("coverage ", style="cyan"), Text(line))
     for error in report.errors:
         console.print(Text("incomplete ", style="bold red"), Text(error))
-    errors = sum(1 for f in report.findings if f.severity == "error")
-    warnings = sum(1 for f in report.findings if f.severity == "warning")
     if report.errors:
-        console.print(Text(f"check incomplete: {len(report.errors)} detector run(s) failed; "
-                           f"{len(report.findings)} findings in {report.records} records", style="bold red"))
+        style = "bold red"
     elif report.clean:
-        console.print(Text(f"clean: no findings in {report.records} records", style="green"))
+        style = "green" if report.verified else "yellow"
     else:
-        console.print(f"{len(report.findings)} findings ({errors} errors, {warnings} warnings) in {report.records} "
-                      f"records, {len(report.verdicts)} verdict(s)")
+        style = ""
+    console.print(Text(report.status_line(), style=style))
+
+
+def coverage_lines(report: Report) -> list[str]:
+    """Per detector that did not verify every forward: verified / seen, and each reason it skipped.
+
+    A detector that verified every forward it saw (or had nothing to check in them) gets no line."""
+    lines = []
+    needs_tensors = []
+    for code, cov in report.coverage.items():
+        if not cov.skipped:
+            continue
+        reasons = "; ".join(f"{why}: {n}" + (" (a bug could cause this)" if why in cov.gaps else "")
+                            for why, n in cov.skipped.items())
+        lines.append(f"{code}: verified {cov.verified} of {cov.forwards} forwards; skipped {reasons}")
+        if any("needs full tensors" in why for why in cov.skipped):
+            needs_tensors.append(code)
+    if needs_tensors:
+        lines.append(f"needs full tensors (mode=full): {', '.join(needs_tensors)}")
+    return lines

@@ -2,7 +2,9 @@
 
 laundered consensus: pre-all-reduce evidence is anomalous, yet the hidden state after the
     row-parallel o_proj all-reduce is bit-identical on every rank, so every cross-rank check
-    after it passes.
+    after it passes. `hidden` is the all-reduce's sum or, where the all-reduce is fused with RMSNorm,
+    its post-norm output (hidden_kind "sum" or "post_norm"): both are identical across the TP group
+    exactly when the sum is. From a mode=stats dump, the exact hash in hidden's stats decides.
 divergent ranks: the same evidence, and the ranks disagree after the all-reduce too.
 unverified consensus: the same evidence, but `hidden` was not captured on two ranks or more:
     whether the all-reduce laundered it cannot be told from this dump.
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 from tensortap.analysis.findings import Finding, Verdict
 from tensortap.text import span
 
-PRE_ALL_REDUCE = ("zero-heads", "empty-topk", "topk-out-of-shard", "lse-nonfinite", "merge-mismatch", "no-merge",
-                  "query-divergence", "rank-outlier", "oracle-mismatch", "nonfinite")
+PRE_ALL_REDUCE = ("zero-heads", "empty-topk", "token-accounting", "topk-out-of-shard", "topk-divergence", "shard-masked",
+                  "lse-sanity", "lse-nonfinite", "merge-mismatch", "no-merge", "query-divergence", "rank-outlier",
+                  "kv-mutated", "oracle-mismatch", "nonfinite")
 
 
 @dataclass

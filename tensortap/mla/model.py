@@ -147,9 +147,10 @@ def absorbed_query(hidden: torch.Tensor, w: LayerWeights, cfg: MLAConfig) -> tor
 class MLALayer:
     """One decode attention layer on one TP rank.
 
-    `kv_pages` taps every page of the batch's requests (a fixed-size gather, no host sync): a
-    superset of the pages the consumed slots touch, and enough for an oracle to recompute the
-    right answer even when the layer addresses the cache wrongly."""
+    `kv_pages` taps the pages this rank should have read: those the selected tokens map to under
+    the cache's sharding (the process group's DCP, as the cache writer used it), plus any page the
+    consumed slots touched. Enough for an oracle to recompute the right answer even when the layer
+    addresses the cache wrongly, and no more (computed only when kv_pages is wanted)."""
 
     def __init__(self, cfg: MLAConfig, layer: int, role: str, parallel: ParallelConfig, groups: ProcessGroups,
                  num_blocks: int, seed: int = 0, dtype=torch.float32, device="cpu"):
@@ -200,7 +201,7 @@ class MLALayer:
         tensortap.point(name + "topk", topk)
         tensortap.point(name + "slots", slots)
         if tensortap.wants(name + "kv_pages"):
-            pages = meta.block_table[meta.req_ids].reshape(-1)  # [R*nb]: every page of this batch's requests
+            pages = pages_to_dump(topk, slots, meta)  # [P]
             tensortap.point(name + "kv_pages", self.cache.pages(pages), page_ids=pages)
         out, lse = sparse_mla_decode(q, self.cache, slots, self.cfg.softmax_scale)  # [T, Hq, 512], [T, Hq]
         if self.dcp_size > 1:
@@ -239,5 +240,14 @@ class MLALayer:
             local_seq_lens=meta.local_seq_lens_cpu, req_ids=list(range(len(meta.seq_lens_cpu))),
             kv_format="fp8_ds_mla", block_size=cfg.block_size,
             softmax_scale=cfg.softmax_scale, kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.rope_dim,
-            dcp_comm_backend=self.backend,
+            dcp_comm_backend=self.backend, lse_base="e", hidden_kind="sum",
         )
+
+
+def pages_to_dump(topk: torch.Tensor, slots: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
+    """Physical pages [P] (sorted, unique) that the selected ids map to on this rank under the cache's
+    sharding (meta: the process group's DCP), plus those the consumed slots [T, K] touched."""
+    owned = sharding.filter_and_convert(topk, meta.req_ids, meta.block_table, meta.block_size,
+                                        meta.dcp_size, meta.dcp_rank, meta.interleave)  # [T, K]
+    both = torch.cat([owned.reshape(-1), slots.reshape(-1)]).long()  # [2*T*K]
+    return torch.unique(both[both >= 0] // meta.block_size).to(torch.int32)  # [P]
