@@ -90,8 +90,28 @@ def test_diff_can_be_called_again_after_the_module_is_imported(dumps):
 
 
 def test_a_selection_that_matches_nothing_is_an_error(dumps, cli):
+    code, _, err = cli(["diff", dumps["dcp4"], dumps["dcp4"], "--steps", "40-41"])
+    assert code == 2 and "nothing to compare" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(["diff", dumps["dcp4"], dumps["dcp4"], "--role-a", "verifier"])
-    assert code == 2 and "nothing to compare" in err
+    assert code == 2 and err.strip() == ("error: --role-a 'verifier' is not a role; choose from target, draft; "
+                                         "see 'tensortap diff --help'")
+    code, _, err = cli(["diff", dumps["dcp4"], dumps["dcp4"], "--points", "q,lsee"])
+    assert code == 2 and "'lsee' not a tap point; choose from block_table, q," in err
+
+
+def test_summary_table_says_shape_and_dash(dumps, cli):
+    """Shape-only rows say "shape", not max abs 0 / cosine 1; jaccard only for index points."""
+    code, out, _ = cli(["diff", dumps["bug"], dumps["bug"], "--role-a", "draft", "--role-b", "target"])
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+            ("q", "topk", "merged_out", "kv_pages")}
+    assert code == 1
+    assert rows["q"][-5:] == ["shape", "-", "-", "-", "-"], rows["q"]
+    assert rows["merged_out"][-1] == "-" and rows["merged_out"][-5] != "shape", "no jaccard for a float point"
+    assert rows["topk"][-5:-1] == ["-", "-", "-", "-"] and rows["topk"][-1] != "-", "indices: jaccard only"
+    assert "tokens" in " ".join(rows["kv_pages"])
+    summary = {row["point"]: row for row in diff(dumps["bug"], dumps["bug"], role_a="draft", role_b="target").summary()}
+    assert summary["q"]["shape"] == summary["q"]["pairs"] and summary["q"]["max_abs"] is None
+    assert summary["merged_out"]["jaccard"] is None and summary["topk"]["cosine"] is None
 
 
 def test_dcp4_against_the_bug_shows_where_it_breaks(dumps):
@@ -130,5 +150,10 @@ def test_different_batches_refused(tmp_path, cli):
 
 
 def test_usage_errors(dumps, cli):
-    assert cli(["diff", dumps["dcp4"]])[0] == 2
-    assert cli(["diff", dumps["dcp4"], dumps["dcp4"], "--across-ranks"])[0] == 2
+    code, _, err = cli(["diff", dumps["dcp4"]])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: missing dump B: give two dumps") and "Error" not in err
+    code, _, err = cli(["diff"])
+    assert code == 2 and err.strip() == "error: Missing argument 'A'; see 'tensortap diff --help'"
+    code, _, err = cli(["diff", dumps["dcp4"], dumps["dcp4"], "--across-ranks"])
+    assert code == 2 and "--across-ranks takes one dump" in err and len(err.strip().splitlines()) == 1

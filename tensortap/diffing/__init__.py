@@ -92,19 +92,27 @@ class DiffReport:
         return 0 if self.equal else 1
 
     def summary(self) -> list[dict]:
-        """Per point: pairs, how many differ, the worst metrics."""
+        """Per point: pairs, how many differ, the worst metrics of the pairs that could be measured.
+
+        Value metrics (max abs/rel, rel L2, cosine) come from float pairs, `jaccard` from index pairs,
+        `tokens` (differing cache tokens) from byte pairs; a metric no pair measured is None.
+        `shape` counts pairs whose shapes or dtypes differ (they have no metrics)."""
         rows: dict[str, dict] = {}
         for p in self.pairs:
             c = p.comparison
-            row = rows.setdefault(p.point, dict(point=p.point, pairs=0, differ=0, max_abs=0.0, max_rel=0.0,
-                                                rel_l2=0.0, cosine=1.0, jaccard=1.0))
+            row = rows.setdefault(p.point, dict(point=p.point, pairs=0, differ=0, shape=0, max_abs=None,
+                                                max_rel=None, rel_l2=None, cosine=None, jaccard=None, tokens=None))
             row["pairs"] += 1
             row["differ"] += 0 if c.equal else 1
-            row["max_abs"] = max(row["max_abs"], c.max_abs)
-            row["max_rel"] = max(row["max_rel"], c.max_rel)
-            row["rel_l2"] = max(row["rel_l2"], c.rel_l2)
-            row["cosine"] = min(row["cosine"], c.cosine)
-            row["jaccard"] = min(row["jaccard"], c.jaccard)
+            if c.kind in ("shape", "dtype"):
+                row["shape"] += 1
+            elif c.kind == "values":
+                for key, worst in (("max_abs", max), ("max_rel", max), ("rel_l2", max), ("cosine", min)):
+                    row[key] = getattr(c, key) if row[key] is None else worst(row[key], getattr(c, key))
+            elif c.kind == "indices":
+                row["jaccard"] = c.jaccard if row["jaccard"] is None else min(row["jaccard"], c.jaccard)
+            elif c.kind == "bytes":
+                row["tokens"] = (row["tokens"] or 0) + c.over
         return [rows[p] for p in sorted(rows, key=_point_order)]
 
     def to_json(self) -> dict:

@@ -22,6 +22,21 @@ def _describe(c: Comparison) -> str:
             f"{c.over} of {c.total} rows over tolerance")
 
 
+def _metrics(row: dict) -> list[str]:
+    """max abs, max rel, rel L2, cosine, jaccard cells: "shape" where only shapes were compared, "-" where
+    a metric does not apply (no jaccard for floats, no value metrics for indices)."""
+    def cell(key: str, fmt: str) -> str:
+        return "-" if row[key] is None else format(row[key], fmt)
+
+    if row["max_abs"] is None and row["jaccard"] is None and row["shape"]:
+        return ["shape", "-", "-", "-", "-"]
+    cells = [cell("max_abs", ".3g"), cell("max_rel", ".3g"), cell("rel_l2", ".3g"), cell("cosine", ".4f"),
+             cell("jaccard", ".3f")]
+    if row.get("tokens") is not None and row["max_abs"] is None:
+        cells[0] = f"{row['tokens']} tokens"
+    return cells
+
+
 def render_diff(report: DiffReport, console: Console) -> None:
     first, context = report.first, report.context
     if first is None:
@@ -34,11 +49,17 @@ def render_diff(report: DiffReport, console: Console) -> None:
         else:
             console.print(Text("  (the first pair compared)"))
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("point", "pairs", "differ", "max abs", "max rel", "rel L2", "cosine", "jaccard"):
-        table.add_column(column, justify="left" if column == "point" else "right")
-    for row in report.summary():
-        table.add_row(row["point"], str(row["pairs"]), str(row["differ"]), f"{row['max_abs']:.3g}",
-                      f"{row['max_rel']:.3g}", f"{row['rel_l2']:.3g}", f"{row['cosine']:.6f}", f"{row['jaccard']:.3f}")
+    summary = report.summary()
+    shapes = any(row["shape"] for row in summary)  # a column of shape mismatches, only when there are some
+    for column in ("point", "pairs", "differ") + (("shape",) if shapes else ()) + \
+            ("max abs", "max rel", "rel L2", "cosine", "jaccard"):
+        if column == "point":
+            table.add_column(column, no_wrap=True, min_width=max([len(r["point"]) for r in summary] + [5]))
+        else:
+            table.add_column(column, justify="right")
+    for row in summary:
+        table.add_row(Text(row["point"]), str(row["pairs"]), str(row["differ"]),
+                      *((str(row["shape"]),) if shapes else ()), *_metrics(row))
     console.print(table)
     for point, why in report.not_comparable.items():
         console.print(Text(f"not comparable: {point}: {why}", style="yellow"))
