@@ -28,9 +28,12 @@ def local_scores(hidden: torch.Tensor, w_q: torch.Tensor, w_w: torch.Tensor, key
     return torch.einsum("th,thl->tl", weights, per_head)  # [T, L]
 
 
-def shard_slots(req_ids: torch.Tensor, local_lens: torch.Tensor, block_table: torch.Tensor, block_size: int):
-    """Slots of local indices 0..max-1 of each token's request on this rank: ([T, L] slots, [T, L] valid)."""
-    width = max(int(local_lens.max()), 1)
+def shard_slots(req_ids: torch.Tensor, local_lens: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                width: int | None = None):
+    """Slots of local indices 0..max-1 of each token's request on this rank: ([T, L] slots, [T, L] valid).
+
+    `width` fixes L (>= every local length) so that no host sync sizes it (CUDA-graph capture)."""
+    width = width if width is not None else max(int(local_lens.max()), 1)
     local = torch.arange(width, device=req_ids.device)  # [L]
     valid = local[None, :] < local_lens[:, None]  # [T, L]
     blocks = (local // block_size).clamp(max=block_table.shape[1] - 1)  # [L]
@@ -40,10 +43,11 @@ def shard_slots(req_ids: torch.Tensor, local_lens: torch.Tensor, block_table: to
 
 def select_topk(hidden: torch.Tensor, w_q: torch.Tensor, w_w: torch.Tensor, index_cache: PagedBuffer,
                 req_ids: torch.Tensor, token_seq_lens: torch.Tensor, block_table: torch.Tensor, topk: int,
-                group, group_size: int, group_rank: int, interleave: int) -> torch.Tensor:
-    """Global top-k token ids [T, K] (int32, -1 padded), scored shard by shard over the DCP process group."""
+                group, group_size: int, group_rank: int, interleave: int, width: int | None = None) -> torch.Tensor:
+    """Global top-k token ids [T, K] (int32, -1 padded), scored shard by shard over the DCP process group.
+    `width`: a fixed number of local candidates per row (see shard_slots)."""
     local_lens = sharding.local_seq_lens(token_seq_lens, group_size, group_rank, interleave)  # [T]
-    slots, valid = shard_slots(req_ids, local_lens, block_table, index_cache.block_size)  # [T, L]
+    slots, valid = shard_slots(req_ids, local_lens, block_table, index_cache.block_size, width)  # [T, L]
     scores = local_scores(hidden, w_q, w_w, index_cache.read(slots))  # [T, L]
     scores = scores.masked_fill(~valid, float("-inf"))  # [T, L]
     if scores.shape[1] < topk:  # every rank offers exactly K candidates (-inf pads)

@@ -24,7 +24,7 @@ from tensortap.mla.attention import neutralise_lonely_rows, sparse_mla_decode
 from tensortap.mla.config import MLAConfig, ParallelConfig
 from tensortap.mla.dcp import all_gather_heads, combine, mask_empty_shards
 from tensortap.mla.indexer import select_topk
-from tensortap.mla.kvcache import KVCache, PagedBuffer
+from tensortap.mla.kvcache import KVCache, PagedBuffer, pack
 
 
 @dataclass
@@ -63,12 +63,17 @@ class DecodeMetadata:
     block_table: torch.Tensor  # [R, nb] int32
     slot_mapping: torch.Tensor  # [T], -1 where another rank owns the token
     local_seq_lens: torch.Tensor  # [R]
-    seq_lens_cpu: list[int]  # host copies: the tap's metadata costs no device sync
-    local_seq_lens_cpu: list[int]
+    seq_lens_cpu: list[int] | None  # host copies: the tap's metadata costs no device sync (None: device-built)
+    local_seq_lens_cpu: list[int] | None
     dcp_size: int
     dcp_rank: int
     interleave: int
     block_size: int
+    index_width: int | None = None  # static shapes (CUDA graphs): fixed indexer width, no host syncs
+
+    @property
+    def static(self) -> bool:
+        return self.index_width is not None
 
     @classmethod
     def build(cls, positions: torch.Tensor, block_table: torch.Tensor, block_size: int, dcp_size: int,
@@ -82,6 +87,17 @@ class DecodeMetadata:
         slots = sharding.slot_mapping(positions, req_ids, block_table, block_size, dcp_size, dcp_rank, interleave)
         return cls(positions, req_ids, seq_lens_cpu.to(device), block_table, slots, local_cpu.to(device),
                    seq_lens_cpu.tolist(), local_cpu.tolist(), dcp_size, dcp_rank, interleave, block_size)
+
+    @classmethod
+    def build_on_device(cls, positions: torch.Tensor, block_table: torch.Tensor, block_size: int, dcp_size: int,
+                        dcp_rank: int, interleave: int, index_width: int) -> "DecodeMetadata":
+        """The same metadata from device positions [T], with no host copy (inside a CUDA-graph capture)."""
+        seq_lens = positions + 1  # [R]
+        local = sharding.local_seq_lens(seq_lens, dcp_size, dcp_rank, interleave)  # [R]
+        req_ids = torch.arange(positions.shape[0], device=positions.device)  # [T]
+        slots = sharding.slot_mapping(positions, req_ids, block_table, block_size, dcp_size, dcp_rank, interleave)
+        return cls(positions, req_ids, seq_lens, block_table, slots, local, None, None, dcp_size, dcp_rank,
+                   interleave, block_size, index_width)
 
 
 @dataclass
@@ -166,10 +182,16 @@ class MLALayer:
         self.index_cache = PagedBuffer(num_blocks, cfg.block_size, cfg.index_dim, torch.float32, device)
 
     # -- cache writes (prefill and decode) --------------------------------------------------------------
-    def write_cache(self, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor, index_key: torch.Tensor):
-        """Write tokens at their slots on this rank (slot -1: another rank's token, skipped)."""
-        self.cache.write_tokens(slots, latent, rope)
-        self.index_cache.write(slots, index_key)
+    def write_cache(self, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor, index_key: torch.Tensor,
+                    static: bool = False):
+        """Write tokens at their slots on this rank (slot -1: another rank's token, skipped); `static`
+        writes without a host sync (CUDA graphs), with the same result."""
+        if not static:
+            self.cache.write_tokens(slots, latent, rope)
+            self.index_cache.write(slots, index_key)
+            return
+        write_rows(self.cache, slots, pack(latent, rope))
+        write_rows(self.index_cache, slots, index_key)
 
     # -- the decode forward -------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, meta: DecodeMetadata, trace: dict | None = None) -> torch.Tensor:
@@ -177,10 +199,11 @@ class MLALayer:
 
         `trace`, when given, receives the top-k ids and this rank's merged output (for tests)."""
         with tensortap.scope(layer=self.layer, role=self.role, **self._tap_meta(meta)):
-            self.write_cache(meta.slot_mapping, *kv_projection(hidden, self.weights, self.cfg))
+            self.write_cache(meta.slot_mapping, *kv_projection(hidden, self.weights, self.cfg), static=meta.static)
             topk = select_topk(hidden, self.weights.w_idx_q, self.weights.w_idx_w, self.index_cache, meta.req_ids,
                                meta.seq_lens[meta.req_ids], meta.block_table, self.cfg.index_topk,
-                               self.groups.dcp_group, meta.dcp_size, meta.dcp_rank, meta.interleave)  # [T, K]
+                               self.groups.dcp_group, meta.dcp_size, meta.dcp_rank, meta.interleave,
+                               meta.index_width)  # [T, K]
             merged = self._attention(hidden, topk, meta)  # [T, H_tp, 512]
             if trace is not None:
                 trace.update(topk=topk.cpu(), merged=merged.cpu())
@@ -201,7 +224,8 @@ class MLALayer:
         tensortap.point(name + "topk", topk)
         tensortap.point(name + "slots", slots)
         if tensortap.wants(name + "kv_pages"):
-            pages = pages_to_dump(topk, slots, meta)  # [P]
+            # static shapes: every page of the batch's requests (a superset; unique() would size on the host)
+            pages = meta.block_table[meta.req_ids].reshape(-1) if meta.static else pages_to_dump(topk, slots, meta)  # [P]
             tensortap.point(name + "kv_pages", self.cache.pages(pages), page_ids=pages)
         out, lse = sparse_mla_decode(q, self.cache, slots, self.cfg.softmax_scale)  # [T, Hq, 512], [T, Hq]
         if self.dcp_size > 1:
@@ -236,12 +260,30 @@ class MLALayer:
         return dict(
             tp_rank=g.tp_rank, tp_size=g.tp_size, dcp_rank=self.dcp_rank, dcp_size=self.dcp_size,
             group_dcp_rank=meta.dcp_rank, group_dcp_size=meta.dcp_size, kv_dcp_size=meta.dcp_size,
-            interleave=meta.interleave, num_heads=cfg.num_heads, seq_lens=meta.seq_lens_cpu,
-            local_seq_lens=meta.local_seq_lens_cpu, req_ids=list(range(len(meta.seq_lens_cpu))),
+            interleave=meta.interleave, num_heads=cfg.num_heads,
+            seq_lens=meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens,  # device: a graph slot
+            local_seq_lens=meta.local_seq_lens_cpu if meta.local_seq_lens_cpu is not None else meta.local_seq_lens,
+            req_ids=list(range(meta.positions.shape[0])),
             kv_format="fp8_ds_mla", block_size=cfg.block_size,
             softmax_scale=cfg.softmax_scale, kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.rope_dim,
             dcp_comm_backend=self.backend, lse_base="e", hidden_kind="sum",
         )
+
+
+def write_rows(buffer: PagedBuffer, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """buffer.write(slots [T], rows [T, W]) without a host sync: a token with slot -1 rewrites the first
+    kept token's row with that same row (or, if none is kept, row 0 with itself), so duplicate indices
+    always carry equal values and the result is exactly that of the masked write."""
+    if slots.numel() == 0:
+        return
+    flat = buffer.data.view(-1, buffer.data.shape[-1])  # [S, W]
+    keep = slots >= 0  # [T]
+    first = torch.argmax(keep.to(torch.int32))  # []: the first kept token (0 if none)
+    any_kept = keep.any()  # []
+    rows = rows.to(flat.dtype)  # [T, W]
+    target = torch.where(keep, slots.long(), torch.where(any_kept, slots[first].long(), 0))  # [T]
+    fallback = torch.where(any_kept, rows[first], flat[0])  # [W]
+    flat.index_put_((target,), torch.where(keep[:, None], rows, fallback))  # [T, W] written
 
 
 def pages_to_dump(topk: torch.Tensor, slots: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
