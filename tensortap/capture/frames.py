@@ -1,12 +1,30 @@
-"""What the writer side does with a record, and how records travel to a writer process. No torch here.
+"""How records travel to the writer process: binary frames on a pipe. No torch and no h5py here.
 
-A frame on the pipe to the writer process is
+A frame is
 
-    uint64 little-endian header length | header (JSON) | payload (the stored array's bytes)
+    kind u8 | 3 pad | count u32 | body length u64 | body
 
-with header kinds: open (where and how to write), rec (one record), flush (reply "F <id>"
-once everything before it is on disk), close (commit, reply "C"). The writer process answers
-on its stdout, one line per reply; "E <message>" reports the write error that stopped it.
+    OPEN, FLUSH, CLOSE   body: JSON (where and how to write; flush id; final attributes)
+    BATCH                body: batch id u64 | 7 loss totals i64 | `count` records
+
+and a record in a batch is
+
+    meta length u32 | full u8 | arrays u8 | 2 pad | meta JSON | arrays
+
+    array: name length u8 | dtype length u8 | ndim u8 | pad to 8 | name | numpy dtype.str | shape i64 x ndim
+           | pad to 16 | the array's bytes (C order) | pad to 16
+
+The metadata is JSON encoded once, on the server, and written to the segment as received (the
+writer process appends the stats it computed and `stored`). A record's arrays are "data" (the
+stored tensor, raw bits for bfloat16/float8) or the device "stats:*" parts, plus nothing else:
+tensor-valued metadata is already inside the JSON. The server sends a batch with one `writev`
+(its GIL released while the pipe drains); the writer process reads a batch body with one read
+and takes zero-copy numpy views into it. It answers on its stdout, one line per reply:
+
+    A <batch id>   the batch is committed (flushed): from here on a SIGKILL cannot take it away
+    F <flush id>   everything before that flush frame is committed
+    C              closed (then it exits)
+    E <records> <bytes> <message>   the write error that stopped it, after <records> records
 """
 
 from __future__ import annotations
@@ -17,57 +35,126 @@ import struct
 
 import numpy as np
 
-from tensortap.capture import stats
-from tensortap.format.codecs import STORED
-from tensortap.format.segment import PendingRecord
+OPEN, BATCH, FLUSH, CLOSE = 1, 2, 3, 4
+TOTALS = ("records", "bytes", "dropped", "over_budget", "lost", "errors", "graph_skipped")
 
-_LENGTH = struct.Struct("<Q")
-
-
-def build_record(seq: int, meta: dict, array: np.ndarray, dtype: str, point: str, full: bool) -> PendingRecord:
-    """Stats from the stored array; full mode keeps the tensor, stats mode its stats array instead."""
-    scalars, stats_array = stats.compute(array, dtype, point, keep_arrays=not full)
-    meta["stats"] = scalars
-    meta["stored"] = full
-    return PendingRecord(seq, meta, array if full else None, dtype, tuple(array.shape), scalars,
-                         None if full else stats_array)
+_FRAME = struct.Struct("<BxxxIQ")
+_BATCH = struct.Struct("<Q7q")
+_RECORD = struct.Struct("<IBBxx")
+_ARRAY = struct.Struct("<BBBxxxxx")
+_ALIGN = 16
+_INLINE = 4096  # arrays up to this size are copied into the record's header bytes (one iovec less)
+_IOV_MAX = 512
+_PAD = bytes(_ALIGN)
 
 
-def write_frame(fd: int, header: dict, payload: np.ndarray | None = None) -> None:
-    """Write one frame to a file descriptor (os.write releases the GIL while the pipe is full)."""
-    data = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
-    _write_all(fd, memoryview(_LENGTH.pack(len(data)) + data))
-    if payload is not None and payload.nbytes:
-        _write_all(fd, memoryview(np.ascontiguousarray(payload)).cast("B"))
+def _pad(n: int) -> int:
+    return -n % _ALIGN
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+# -- server side ----------------------------------------------------------------------------------------
+def control_frame(kind: int, body: dict) -> bytes:
+    data = json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
+    return _FRAME.pack(kind, 0, len(data)) + data
 
 
-def read_frame(stream) -> tuple[dict, np.ndarray | None] | None:
-    """Next frame from a binary stream, or None at end of input. A rec frame's payload comes back
-    as the stored numpy array (raw bits for bfloat16/float8)."""
-    raw = _read_exact(stream, _LENGTH.size)
-    if raw is None:
+def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, dict]]) -> list:
+    """The buffers of one BATCH frame, for os.writev. `records`: (meta JSON, full, {name: array})."""
+    pieces: list = []
+    head = bytearray(_BATCH.pack(batch_id, *(int(totals.get(k, 0)) for k in TOTALS)))
+    length = len(head)
+    for meta_json, full, arrays in records:
+        head += _RECORD.pack(len(meta_json), 1 if full else 0, len(arrays))
+        head += meta_json
+        length += _RECORD.size + len(meta_json)
+        for name, array in arrays.items():
+            name_b, dtype_b = name.encode(), array.dtype.str.encode()
+            head += _ARRAY.pack(len(name_b), len(dtype_b), array.ndim)
+            head += name_b + dtype_b
+            head += struct.pack(f"<{array.ndim}q", *array.shape)
+            n = _ARRAY.size + len(name_b) + len(dtype_b) + 8 * array.ndim
+            length += n
+            head += _PAD[: _pad(length)]
+            length += _pad(length)
+            data = memoryview(np.ascontiguousarray(array)).cast("B") if array.nbytes else b""
+            if len(data) <= _INLINE:
+                head += data
+            else:
+                pieces.append(bytes(head))
+                pieces.append(data)
+                head = bytearray()
+            length += len(data)
+            head += _PAD[: _pad(length)]
+            length += _pad(length)
+    if head:
+        pieces.append(bytes(head))
+    return [_FRAME.pack(BATCH, len(records), length)] + pieces
+
+
+def write_all(fd: int, pieces: list) -> None:
+    """os.writev until every byte is out (a pipe may take part of it; IOV_MAX bounds one call)."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+# -- writer-process side ------------------------------------------------------------------------------------
+def read_frame(stream) -> tuple[int, int, memoryview | bytes] | None:
+    """(kind, count, body) of the next frame, or None at the end of input (or a torn frame)."""
+    head = _read_exact(stream, _FRAME.size)
+    if head is None:
         return None
-    header_bytes = _read_exact(stream, _LENGTH.unpack(raw)[0])
-    if header_bytes is None:
-        return None
-    header = json.loads(header_bytes)
-    if header.get("k") != "rec":
-        return header, None
-    dtype = STORED[header["dtype"]][0]
-    array = np.empty(header["shape"], dtype=dtype)
-    view = memoryview(array.reshape(-1)).cast("B") if array.nbytes else memoryview(b"")
-    while view:
-        got = stream.readinto(view)
-        if not got:
+    kind, count, length = _FRAME.unpack(head)
+    body = np.empty(length, dtype=np.uint8)  # aligned: the arrays inside are views of it
+    view = memoryview(body)
+    got = 0
+    while got < length:
+        n = stream.readinto(view[got:])
+        if not n:
             return None
-        view = view[got:]
-    return header, array
+        got += n
+    return kind, count, view
+
+
+def control_body(body) -> dict:
+    return json.loads(bytes(body))
+
+
+def batch_records(count: int, body: memoryview):
+    """(batch id, totals, [(meta JSON text, full, {name: array}), ...]) of a BATCH body."""
+    batch_id, *values = _BATCH.unpack_from(body, 0)
+    offset = _BATCH.size
+    records = []
+    for _ in range(count):
+        meta_len, full, n_arrays = _RECORD.unpack_from(body, offset)
+        offset += _RECORD.size
+        meta_json = bytes(body[offset:offset + meta_len]).decode("utf-8")
+        offset += meta_len
+        arrays = {}
+        for _ in range(n_arrays):
+            name_len, dtype_len, ndim = _ARRAY.unpack_from(body, offset)
+            offset += _ARRAY.size
+            name = bytes(body[offset:offset + name_len]).decode()
+            offset += name_len
+            dtype = np.dtype(bytes(body[offset:offset + dtype_len]).decode())
+            offset += dtype_len
+            shape = struct.unpack_from(f"<{ndim}q", body, offset)
+            offset += 8 * ndim
+            offset += _pad(offset)
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            arrays[name] = np.frombuffer(body, dtype=dtype, count=n // dtype.itemsize if dtype.itemsize else 0,
+                                         offset=offset).reshape(shape)
+            offset += n
+            offset += _pad(offset)
+        records.append((meta_json, bool(full), arrays))
+    return batch_id, dict(zip(TOTALS, values)), records
 
 
 def _read_exact(stream, n: int) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import socket
 import sys
 import time
@@ -26,11 +27,10 @@ def _environment_rank() -> tuple[int, int]:
 
 
 def run_identity(rank: int, world_size: int) -> dict:
-    """Root attributes of a segment: enough to tell which process of which run wrote it."""
-    import h5py
-    import numpy
-    import torch
+    """Root attributes of a segment: enough to tell which process of which run wrote it.
 
+    `run_id` (8 hex digits, new for every writer run: each configure()) is also in every segment's
+    file name. Library versions are read without importing h5py (writer=process never loads it here)."""
     from tensortap import __version__
 
     return {
@@ -38,14 +38,28 @@ def run_identity(rank: int, world_size: int) -> dict:
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "start_time_ns": time.time_ns(),
+        "run_id": secrets.token_hex(4),
         "argv": list(sys.argv),
         "rank": rank,
         "world_size": world_size,
         "versions": {
             "tensortap": __version__,
-            "torch": torch.__version__,
-            "numpy": numpy.__version__,
-            "h5py": h5py.__version__,
+            "torch": _version("torch"),
+            "numpy": _version("numpy"),
+            "h5py": _version("h5py"),
             "python": sys.version.split()[0],
         },
     }
+
+
+@functools.lru_cache(maxsize=None)
+def _version(package: str) -> str:
+    module = sys.modules.get(package)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return module.__version__
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "unknown"

@@ -1,71 +1,153 @@
-"""The writer process: `python -m tensortap.capture.sink`, started by a tapped process.
+"""Where records become segments: `Recorder` (stats, then h5py), and the writer process around it.
 
-Reads frames (frames.py) on stdin, computes each record's stats and writes the segments: the
-only code of a capture that calls h5py, and it runs outside the server's GIL. End of input
-(the server exited or was killed) commits the open segment. A write error is reported once
-("E <message>") and the rest is counted as lost; the segment notes the loss where it can.
+`python -m tensortap.capture.sink` is the writer process a tapped server starts (writer=process):
+it reads frames (frames.py) on stdin, and for each batch computes every record's stats, writes the
+records and commits the batch (one flush), then answers "A <batch id>". It is the only code of
+such a capture that imports h5py, and it runs outside the server's GIL. End of input (the server
+exited or was SIGKILLed) commits and closes the open segment. A write error is reported once
+("E <records> <bytes> <message>"), the rest is counted as lost, and the segment notes the loss.
+
+With writer=thread (or after a fallback) the server's writer thread drives a Recorder itself.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
 
-from tensortap.capture.frames import build_record, read_frame
-from tensortap.format.segment import SegmentWriter
+import numpy as np
+
+from tensortap.capture import frames
+from tensortap.format import stats
+from tensortap.format.segment import PendingRecord, SegmentWriter
 from tensortap.text import one_line
 
 
+class Recorder:
+    """Stats and segments for one writer run; `written`/`written_bytes` count what reached a segment."""
+
+    def __init__(self, opening: dict):
+        self.segments = SegmentWriter(opening["dir"], opening["rank"], opening["root_attrs"], opening["compress"],
+                                      opening["segment_records"], opening["segment_bytes"],
+                                      bool(opening.get("checksum", False)))
+        self.written = 0
+        self.written_bytes = 0
+
+    @property
+    def where(self) -> str:
+        return self.segments.open_path or self.segments.directory
+
+    def write(self, meta: dict, meta_json: str | None, arrays: dict, full: bool) -> None:
+        """One record. `meta_json` is the metadata as the server encoded it (without stats), or None
+        when `meta` is to be encoded here (writer=thread): either way it is encoded once."""
+        self.segments.write(build_record(meta, meta_json, arrays, full))
+        self.written += 1
+        data = arrays.get("data")
+        if full and data is not None:
+            self.written_bytes += data.nbytes
+
+    def commit(self, totals: dict) -> None:
+        self.segments.totals = {f"{k}_total": int(v) for k, v in totals.items()}
+        self.segments.commit()
+
+    def close(self, totals: dict | None = None) -> None:
+        if totals:
+            self.segments.totals = {f"{k}_total": int(v) for k, v in totals.items()}
+        self.segments.close_segment()
+
+    def mark_failure(self, attrs: dict) -> None:
+        self.segments.mark_failure(attrs)
+
+
+def build_record(meta: dict, meta_json: str | None, arrays: dict, full: bool) -> PendingRecord:
+    """Stats from the stored array (or from the device's stats parts when there is no "data");
+    full mode keeps the tensor, stats mode its stats array instead."""
+    data = arrays.get("data")
+    dtype, point = meta["dtype"], meta["point"]
+    if data is not None:
+        shape = tuple(data.shape)
+        scalars, stats_array = stats.compute(data, dtype, point, keep_arrays=not full)
+    else:
+        full = False
+        shape = tuple(meta.get("shape", ()))
+        scalars, stats_array = stats.from_parts(arrays, dtype, point, list(shape))
+    stored = full and data is not None
+    if meta_json is None:
+        meta["stats"], meta["stored"] = scalars, stored
+        meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=True)
+    else:  # as received, with the stats appended
+        tail = json.dumps(scalars, separators=(",", ":"), allow_nan=True)
+        body = meta_json.rstrip()[:-1].rstrip()
+        joint = "," if body != "{" else ""
+        meta_json = f'{body}{joint}"stats":{tail},"stored":{"true" if stored else "false"}}}'
+        meta["stats"], meta["stored"] = scalars, stored
+    return PendingRecord(meta, meta_json, data if stored else None, dtype, shape, scalars,
+                         None if stored else stats_array)
+
+
 def serve(stdin, stdout) -> int:
-    opening = read_frame(stdin)
-    if opening is None or opening[0].get("k") != "open":
+    opening = frames.read_frame(stdin)
+    if opening is None or opening[0] != frames.OPEN:
         return 2
-    o = opening[0]
-    segments = SegmentWriter(o["dir"], o["rank"], o["root_attrs"], o["compress"], o["segment_records"],
-                             o["segment_bytes"])
-    failed, lost, written = None, 0, 0
+    recorder = Recorder(frames.control_body(opening[2]))
+    failed = None
+    lost = 0
 
     def reply(line: str) -> None:
-        stdout.write(line + "\n")
-        stdout.flush()
+        try:
+            stdout.write(line + "\n")
+            stdout.flush()
+        except (OSError, ValueError):  # the server is gone (SIGKILL): keep writing what arrived
+            pass
+
+    def fail(exc: BaseException) -> None:
+        nonlocal failed
+        failed = exc
+        message = one_line(exc)
+        reply(f"E {recorder.written} {recorder.written_bytes} {message}")
+        recorder.mark_failure({"capture_error": message, "records_lost": lost, "failed_ns": time.time_ns()})
 
     while True:
-        frame = read_frame(stdin)
+        frame = frames.read_frame(stdin)
         if frame is None:  # the server is gone: commit what arrived
             break
-        header, array = frame
-        kind = header.get("k")
-        if kind == "rec":
+        kind, count, body = frame
+        if kind == frames.BATCH:
+            batch_id, totals, records = frames.batch_records(count, body)
             if failed is not None:
-                lost += 1
+                lost += len(records)
                 continue
+            done = 0
             try:
-                segments.write(build_record(header["seq"], header["meta"], array, header["dtype"], header["point"],
-                                            header["full"]))
-                written += 1
+                for meta_json, full, arrays in records:
+                    recorder.write(json.loads(meta_json), meta_json, arrays, full)
+                    done += 1
+                recorder.commit(totals)
             except Exception as exc:  # disk full, directory gone: report once, keep reading
-                failed, lost = exc, lost + 1
-                message = one_line(exc)
-                reply(f"E {written} {message}")
-                segments.mark_failure({"capture_error": message, "records_lost": lost, "failed_ns": time.time_ns()})
-        elif kind == "flush":
-            reply(f"F {header['id']}")
-        elif kind == "close":
+                lost += len(records) - done
+                fail(exc)
+                continue
+            reply(f"A {batch_id}")
+        elif kind == frames.FLUSH:
+            reply(f"F {frames.control_body(body)['id']}")
+        elif kind == frames.CLOSE:
             if failed is None:
                 try:
-                    segments.close_segment(header.get("attrs") or {})
+                    recorder.close(frames.control_body(body).get("totals"))
                 except Exception as exc:
-                    reply(f"E {written} {one_line(exc)}")
+                    fail(exc)
             reply("C")
             return 0
     if failed is None:
-        segments.close_segment()
+        recorder.close()
     return 0
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
+    np.seterr(all="ignore")
     sys.exit(serve(sys.stdin.buffer, sys.stdout))
 
 

@@ -1,45 +1,52 @@
 """From the queue to the disk: one consumer thread per process, and where it sends records.
 
 The queue is bounded in bytes: `on_full=block` makes the caller wait, `on_full=drop` drops
-the record and counts it. The consumer thread waits for each snapshot's copy to the host and
-hands the record to a sink:
+the record and counts it. The consumer thread takes what is queued a batch at a time (a scope's
+records; batches that queued up behind a slow disk are merged), waits for the batch's copy to the
+host, and hands the whole batch to a sink, which commits it with one flush:
 
-    ChildSink  (writer=process, the default) streams it to a writer process (sink.py), which
-               computes the stats and alone calls h5py, outside this process's GIL;
+    ChildSink  (writer=process, the default) sends the batch with one writev to a writer process
+               (sink.py), which computes the stats, alone imports h5py, and answers once the batch
+               is committed; this thread holds the GIL for a few microseconds per record, never
+               across a write. Batches stay in memory until committed: if the writer process cannot
+               start or dies, this is said once and capture falls back to writer=thread, writing
+               again every batch it had not committed: nothing handed over is lost.
     LocalSink  (writer=thread) computes the stats and writes the segment in this thread.
 
-A write error (disk full, directory gone, writer process dead) is logged once, noted in the
-dump where possible, and stops capture; it never reaches the caller.
+A write error (disk full, directory gone) is logged once, noted in the dump where possible, and
+stops capture; it never reaches the caller.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
-from tensortap.capture.frames import build_record, write_frame
+from tensortap.capture import frames
 from tensortap.capture.staging import Staged, Stager
 from tensortap.format.codecs import encode
-from tensortap.format.segment import SegmentWriter
-from tensortap.text import as_json
+from tensortap.text import as_json, one_line
 
 log = logging.getLogger("tensortap")
+
+MERGE_BYTES = 64 << 20  # batches queued behind each other are merged into one commit up to this size
+MERGE_JOBS = 4096
 
 
 @dataclass
 class Job:
     """A record on its way to disk."""
 
-    meta: dict  # metadata (seq, point, dtype, ...); tensor values travel in `staged` as "meta:<key>"
-    staged: Staged  # "data" (the snapshot) and "meta:*"
+    meta: dict  # metadata (seq, point, ...); tensor values travel in `staged` as "meta:<key>"
+    staged: Staged  # "data" (the snapshot) or the device's "stats:*" parts, and "meta:*"
     full: bool  # the tensor is stored, not only its stats
 
 
@@ -62,7 +69,7 @@ class _Marker:
 class Counters:
     """What happened to the records a process offered: written, dropped, skipped, lost."""
 
-    FIELDS = ("records", "bytes", "dropped", "over_budget", "lost", "errors", "graph_skipped")
+    FIELDS = frames.TOTALS
 
     def __init__(self):
         for name in self.FIELDS:
@@ -72,50 +79,110 @@ class Counters:
         return {name: getattr(self, name) for name in self.FIELDS}
 
 
+class SinkGone(OSError):
+    """The writer process exited (or never started) without reporting a write error."""
+
+
+class ChildError(OSError):
+    """The write error the writer process reported (its message already says what it was)."""
+
+
+_json = json.JSONEncoder(separators=(",", ":"), allow_nan=True, default=as_json).encode
+
+
+def host_arrays(job: Job) -> dict:
+    """A job's host arrays once its batch is on the host: "data" as stored (raw bits for bf16/fp8)
+    or the "stats:*" parts. Its "meta:*" tensors become lists in job.meta, and the snapshot's dtype
+    and shape are written into job.meta (the stored array must match them)."""
+    arrays = {}
+    for key, tensor in job.staged.tensors.items():
+        if key == "data":
+            arrays["data"], job.meta["dtype"] = encode(tensor.contiguous())
+            job.meta["shape"] = list(tensor.shape)
+        elif key.startswith("meta:"):
+            job.meta[key[5:]] = tensor.tolist()
+        else:
+            arrays[key] = tensor.contiguous().numpy()
+    return arrays
+
+
 # -- sinks ----------------------------------------------------------------------------------------------
 class LocalSink:
-    """Stats and h5py in the consumer thread (writer=thread)."""
+    """Stats and h5py in the consumer thread (writer=thread, or after a fallback)."""
 
-    def __init__(self, segments: SegmentWriter):
-        self.segments = segments
+    def __init__(self, opening: dict, persisted: int = 0, persisted_bytes: int = 0):
+        from tensortap.capture.sink import Recorder  # h5py: only for this writer
+
+        self.opening = opening
+        self.recorder = Recorder(opening)
+        self._base = (persisted, persisted_bytes)
 
     @property
     def where(self) -> str:
-        return self.segments.open_path or self.segments.directory
+        return self.recorder.where
 
-    def write(self, seq: int, meta: dict, array: np.ndarray, dtype: str, point: str, full: bool) -> None:
-        self.segments.write(build_record(seq, meta, array, dtype, point, full))
+    @property
+    def persisted(self) -> int:
+        return self._base[0] + self.recorder.written
+
+    @property
+    def persisted_bytes(self) -> int:
+        return self._base[1] + self.recorder.written_bytes
+
+    def write_batch(self, jobs: list, arrays: list, totals: dict) -> None:
+        for job, held in zip(jobs, arrays):
+            self.recorder.write(job.meta, None, held, job.full)
+        self.recorder.commit(totals)
 
     def flush(self) -> None:
-        """Nothing left to do: SegmentWriter flushes the file after every record it writes."""
+        """Nothing left to do: every batch was committed (flushed) as it was written."""
 
-    def close(self, attrs: dict) -> None:
-        self.segments.close_segment(attrs)
+    def close(self, totals: dict) -> None:
+        self.recorder.close(totals)
 
     def mark_failure(self, attrs: dict) -> None:
-        self.segments.mark_failure(attrs)
+        self.recorder.mark_failure(attrs)
+
+
+_REPLY = re.compile(r"([AFEC])(?: (\d+))?(?: (\d+) ?(.*))?")
 
 
 class ChildSink:
-    """Frames to a writer process (writer=process); its replies are read by a small thread."""
+    """Batches to a writer process (writer=process); its replies are read by a small thread."""
 
     PIPE_BYTES = 1 << 20
 
     def __init__(self, opening: dict, timeout: float = 120.0):
+        self.opening = opening
         self.where = opening["dir"]
         self.timeout = timeout
-        self.error: str | None = None
-        self.persisted: int | None = None  # records the writer process had written when it failed
+        self.error: str | None = None  # the write error it reported ("E")
+        self.persisted: int | None = None  # records it had written when it reported one
+        self.persisted_bytes: int | None = None
+        self._notes: collections.deque = collections.deque(maxlen=8)  # its other output (a traceback)
+        self._unacked: collections.deque = collections.deque()  # (batch id, jobs, arrays, totals)
+        self._batch_id = 0
+        self._acked = 0  # last batch id it committed
         self._flushed = threading.Condition()
-        self._flush_id = self._acked = 0
+        self._flush_id = self._flush_acked = 0
         self._closed = threading.Event()  # it answered the close
         self._gone = threading.Event()  # its output ended: it exited
-        self.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        close_fds=True, **self._popen_options())
+        self._fd = -1
+        try:
+            self.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, close_fds=True, **self._popen_options())
+        except (OSError, ValueError) as exc:
+            self.process = None
+            self._notes.append(f"could not be started ({one_line(exc)})")
+            self._gone.set()
+            return
         self._fd = self.process.stdin.fileno()
         _grow_pipe(self._fd, self.PIPE_BYTES)
         threading.Thread(target=self._read_replies, name="tensortap-sink-replies", daemon=True).start()
-        write_frame(self._fd, dict(opening, k="open"))
+        try:
+            frames.write_all(self._fd, [frames.control_frame(frames.OPEN, opening)])
+        except OSError:
+            pass  # it died already: the first batch finds out why
 
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "tensortap.capture.sink"]
@@ -126,58 +193,114 @@ class ChildSink:
     def _read_replies(self) -> None:
         for line in self.process.stdout:
             text = line.decode("utf-8", errors="replace").rstrip("\n")
-            if text.startswith("F "):
+            match = _REPLY.fullmatch(text)
+            if match is None:
+                if text.strip():
+                    self._notes.append(text.strip())
+                continue
+            kind, number = match.group(1), match.group(2)
+            if kind == "A":
+                self._acked = int(number)
+            elif kind == "F":
                 with self._flushed:
-                    self._acked = int(text[2:])
+                    self._flush_acked = int(number)
                     self._flushed.notify_all()
-            elif text.startswith("E "):
-                count, _, message = text[2:].partition(" ")
-                self.persisted, self.error = int(count), message
-            elif text == "C":
+            elif kind == "E":
+                self.persisted, self.persisted_bytes = int(number), int(match.group(3) or 0)
+                self.error = match.group(4) or "write error"
+            elif kind == "C":
                 self._closed.set()
         self._gone.set()
         with self._flushed:
             self._flushed.notify_all()
 
-    def _check(self) -> None:
-        if self.error is not None:
-            raise OSError(self.error)
-        if (self._gone.is_set() or self.process.poll() is not None) and not self._closed.is_set():
-            raise OSError(f"the writer process exited (code {self.process.poll()})")
-
-    def write(self, seq: int, meta: dict, array: np.ndarray, dtype: str, point: str, full: bool) -> None:
+    # -- what the writer thread calls ---------------------------------------------------------------------
+    def write_batch(self, jobs: list, arrays: list, totals: dict) -> None:
+        self._prune()
+        self._batch_id += 1
+        self._unacked.append((self._batch_id, jobs, arrays, totals))  # until it says the batch is committed
         self._check()
-        header = dict(k="rec", seq=seq, meta=meta, dtype=dtype, shape=list(array.shape), point=point, full=full)
+        records = [(_json(job.meta).encode(), job.full, held) for job, held in zip(jobs, arrays)]
         try:
-            write_frame(self._fd, header, array)
-        except OSError as exc:  # broken pipe: the writer process died
-            raise OSError(self.error or f"the writer process is gone ({exc})") from None
+            frames.write_all(self._fd, frames.batch_pieces(self._batch_id, totals, records))
+        except OSError:  # broken pipe: it died
+            self._raise_gone()
 
     def flush(self) -> None:
-        """Returns once the writer process has written and flushed everything sent so far."""
+        """Returns once the writer process has committed everything sent so far."""
+        self._check()
         self._flush_id += 1
-        write_frame(self._fd, dict(k="flush", id=self._flush_id))
+        try:
+            frames.write_all(self._fd, [frames.control_frame(frames.FLUSH, {"id": self._flush_id})])
+        except OSError:
+            self._raise_gone()
         deadline = time.monotonic() + self.timeout
         with self._flushed:
-            while self._acked < self._flush_id and not self._gone.is_set():
+            while self._flush_acked < self._flush_id and not self._gone.is_set():
                 if not self._flushed.wait(max(0.0, deadline - time.monotonic())):
                     raise OSError(f"the writer process did not flush within {self.timeout:.0f} s")
-        self._check()
-        if self._acked < self._flush_id:
-            raise OSError("the writer process exited before it flushed")
+        if self._flush_acked < self._flush_id:
+            self._raise_gone()
+        self._check()  # an "E" it sent comes before the "F"
+        self._prune()
 
-    def close(self, attrs: dict) -> None:
-        try:
-            write_frame(self._fd, dict(k="close", attrs=attrs))
-            self._gone.wait(self.timeout)  # it answers "C", then exits; or it died
-        finally:
-            self._shut()
+    def close(self, totals: dict) -> None:
         self._check()
+        try:
+            frames.write_all(self._fd, [frames.control_frame(frames.CLOSE, {"totals": totals})])
+        except OSError:
+            self._raise_gone()
+        self._gone.wait(self.timeout)  # it answers "C", then exits; or it died
+        if self.error is None and not self._closed.is_set():
+            self._raise_gone()
+        self._shut()
+        if self.error is not None:
+            raise ChildError(self.error)
 
     def mark_failure(self, attrs: dict) -> None:
         self._shut()  # the writer process noted the loss itself when it could
 
+    def unacked(self) -> list[tuple[list, list, dict]]:
+        """Batches sent but not committed, in order: what a fallback writes again."""
+        self._prune()
+        return [(jobs, arrays, totals) for _, jobs, arrays, totals in self._unacked]
+
+    def death(self) -> str:
+        """Why it is gone, in words (its exit code and the last thing it printed)."""
+        code = self.process.poll() if self.process is not None else None
+        said = self._notes[-1] if self._notes else ""
+        how = f"exited with code {code}" if code is not None else "is gone"
+        if self.process is None:
+            how = said
+            said = ""
+        return how + (f" ({said})" if said else "")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _prune(self) -> None:
+        acked = self._acked
+        while self._unacked and self._unacked[0][0] <= acked:
+            self._unacked.popleft()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise ChildError(self.error)
+        if self._gone.is_set() and not self._closed.is_set():
+            self._raise_gone()
+
+    def _raise_gone(self) -> None:
+        self._gone.wait(5.0)  # its last words ("E ...") are read before its output ends
+        if self.error is not None:
+            raise ChildError(self.error)
+        if self.process is not None:
+            try:
+                self.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+        raise SinkGone(self.death())
+
     def _shut(self) -> None:
+        if self.process is None:
+            return
         try:
             self.process.stdin.close()
         except OSError:
@@ -196,6 +319,16 @@ def _grow_pipe(fd: int, size: int) -> None:
         fcntl.fcntl(fd, 1031, size)  # F_SETPIPE_SZ
     except (ImportError, OSError):
         pass
+
+
+def make_sink(config, rank: int, identity: dict):
+    """Where a writer run's records go: a writer process (outside this GIL), or h5py in the writer thread."""
+    opening = dict(dir=config.dir, rank=rank, root_attrs=identity, compress=config.compress,
+                   segment_records=config.segment_records, segment_bytes=config.segment_bytes,
+                   checksum=bool(getattr(config, "checksum", False)))
+    if config.writer == "process":
+        return ChildSink(opening)
+    return LocalSink(opening)
 
 
 # -- the consumer thread ----------------------------------------------------------------------------------
@@ -245,7 +378,7 @@ class Writer:
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Block until every job submitted before this call is written and flushed; False if capture failed."""
+        """Block until every job submitted before this call is committed; False if capture failed."""
         return self._wait_marker(_Marker(), timeout) and self.failed is None
 
     def close(self, timeout: float | None = None) -> None:
@@ -272,7 +405,13 @@ class Writer:
                     self._cond.wait()
                 item = self._queue.popleft()
                 if isinstance(item, _Batch):
-                    self._queued_bytes -= item.nbytes
+                    jobs, size = list(item.jobs), item.nbytes
+                    while self._queue and isinstance(self._queue[0], _Batch) and size < MERGE_BYTES \
+                            and len(jobs) < MERGE_JOBS:
+                        more = self._queue.popleft()  # fell behind: one commit for what queued up
+                        jobs += more.jobs
+                        size += more.nbytes
+                    self._queued_bytes -= size
                 self._cond.notify_all()
             if isinstance(item, _Marker):
                 self._marker(item)
@@ -280,52 +419,82 @@ class Writer:
                     return
                 continue
             if self.failed is not None:
-                self.counters.lost += len(item.jobs)
+                self.counters.lost += len(jobs)
                 continue
-            self._write_batch(item.jobs)
+            self._write_batch(jobs)
 
     def _write_batch(self, jobs: list[Job]) -> None:
-        written = 0
         try:
             self.stager.to_host([job.staged for job in jobs])
-            for job in jobs:
-                host = job.staged.tensors
-                data = host["data"]
-                self.sink.write(job.meta["seq"], _finish_meta(job, host), encode(data)[0], job.meta["dtype"],
-                                job.meta["point"], job.full)
-                written += 1
-                self.counters.records += 1
-                self.counters.bytes += data.nbytes if job.full else 0
-        except Exception as exc:  # disk full, permission, writer process gone: stop, never raise
-            self._fail(exc, lost_now=len(jobs) - written)
+            arrays = [host_arrays(job) for job in jobs]
+        except Exception as exc:  # a failed copy to the host: these records are lost
+            self._fail(exc, lost_now=len(jobs))
+            return
+        self.counters.records += len(jobs)
+        self.counters.bytes += sum(held["data"].nbytes for job, held in zip(jobs, arrays)
+                                   if job.full and "data" in held)
+        totals = self.counters.as_dict()
+        try:
+            try:
+                self.sink.write_batch(jobs, arrays, totals)
+            except SinkGone as gone:
+                self._fall_back(gone)
+        except Exception as exc:  # disk full, permission: stop, never raise
+            self._fail(exc, lost_now=0)
+
+    def _fall_back(self, gone: SinkGone) -> None:
+        """The writer process is gone: say so once, write here from now on, and write again every
+        batch it had not committed."""
+        child = self.sink
+        pending = child.unacked()
+        again = sum(len(jobs) for jobs, _, _ in pending)
+        log.error("tensortap: the writer process %s; writing the dump from this process instead (writer=thread), "
+                  "%d record(s) it had not committed are written again", gone, again)
+        persisted = self.counters.records - again
+        self.sink = LocalSink(child.opening, persisted, max(0, self.counters.bytes - sum(
+            held["data"].nbytes for jobs, arrays, _ in pending for job, held in zip(jobs, arrays)
+            if job.full and "data" in held)))
+        child.mark_failure({})
+        for jobs, arrays, totals in pending:
+            self.sink.write_batch(jobs, arrays, totals)
 
     def _marker(self, marker: _Marker) -> None:
         try:
             if self.failed is None:
-                if marker.close:
-                    self.sink.close({f"{k}_total": v for k, v in self.counters.as_dict().items()})
-                else:
-                    self.sink.flush()
+                try:
+                    self._end(marker)
+                except SinkGone as gone:
+                    self._fall_back(gone)
+                    self._end(marker)
         except Exception as exc:
             self._fail(exc, lost_now=0)
         finally:
             marker.done.set()
 
+    def _end(self, marker: _Marker) -> None:
+        if marker.close:
+            self.sink.close(self.counters.as_dict())
+        else:
+            self.sink.flush()
+
     def _fail(self, exc: BaseException, lost_now: int) -> None:
         """Stop capture; `lost_now` records in hand are lost with it, and everything queued."""
         persisted = getattr(self.sink, "persisted", None)
+        persisted_bytes = getattr(self.sink, "persisted_bytes", None)
         with self._cond:
             self.failed = exc
             if persisted is not None and persisted < self.counters.records:  # sent, but not written
                 self.counters.lost += self.counters.records - persisted
                 self.counters.records = persisted
+                if persisted_bytes is not None:
+                    self.counters.bytes = persisted_bytes
             pending = sum(len(item.jobs) for item in self._queue if isinstance(item, _Batch))
             self._queue = collections.deque(item for item in self._queue if not isinstance(item, _Batch))
             self._queued_bytes = 0
             self.counters.lost += lost_now + pending
             self._cond.notify_all()
         where = self.sink.where if self.sink is not None else "the writer"
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        message = str(exc) if isinstance(exc, ChildError) else one_line(exc)
         log.error(
             "tensortap: writing %s failed (%s); capture stopped, %d record(s) lost, "
             "the %d record(s) written before stay readable",
@@ -337,15 +506,6 @@ class Writer:
                                         "records_lost": self.counters.lost, "failed_ns": time.time_ns()})
             except Exception:
                 pass
-
-
-def _finish_meta(job: Job, host: dict) -> dict:
-    """JSON-able metadata: tensor-valued entries (now on the host) become lists."""
-    meta = {key: as_json(value) for key, value in job.meta.items()}
-    for key, tensor in host.items():
-        if key.startswith("meta:"):
-            meta[key[5:]] = tensor.tolist()
-    return meta
 
 
 def child_sink_env() -> dict:

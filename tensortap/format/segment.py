@@ -1,20 +1,32 @@
 """Writing segments: the only writer-side code that calls h5py.
 
-A segment is created as `.tmp`, flushed after every record (a SIGKILL keeps every
-flushed record readable), and at rotation or close gets its index table, is closed,
-fsync'd and renamed to its final name (the index is the commit marker).
+A segment is created as `.tmp` (O_EXCL: no write ever replaces a segment), gets one HDF5 group per
+record, and is flushed once per batch handed over (`commit`: one forward); a SIGKILL keeps every
+record of every committed batch readable. At rotation or close it gets its index table (the
+commit marker), is closed, fsync'd and renamed to its final name without replacing anything.
+
+The loss totals (records_total, ..., graph_skipped_total) are root attributes kept current at
+every commit, so a crashed segment carries them as of its last flush point.
+
+Per record: one group, one dataset (contiguous, written by h5py with the GIL released), the `meta`
+attribute, and where needed `dtype`, `crc32` and `_stats`; h5py's low-level API throughout, with
+type and dataspace ids cached. The metadata cache is kept small: HDF5's flush walks every cached
+entry, so a large cache makes each commit cost more as the segment grows (measured here).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
-from h5py import h5a, h5d, h5g, h5s, h5t
+from h5py import h5a, h5d, h5g, h5p, h5s, h5t
 
 from tensortap.format import schema
 from tensortap.format.codecs import RAW_BITS, STORED
@@ -22,19 +34,28 @@ from tensortap.format.codecs import RAW_BITS, STORED
 # Superblock of the 1.8 format: later ones set a "file open for write" flag that makes a
 # SIGKILLed segment unreadable without h5clear. Measured here; see DESIGN section 5.
 LIBVER = ("v108", "v108")
+METADATA_CACHE_BYTES = 256 << 10
+CRC_ATTR = "crc32"
+_SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 
 
 @dataclass
 class PendingRecord:
-    """One record as the writer thread hands it to the segment: host arrays and JSON-able metadata."""
+    """One record as it goes into a segment: its metadata (as a dict for the index, and as the JSON
+    text written to its `meta` attribute, stats and `stored` included), the stored array (None in
+    stats mode) and its stats."""
 
-    seq: int
     meta: dict
-    array: np.ndarray | None  # None in stats mode
+    meta_json: str
+    array: np.ndarray | None
     dtype: str
     shape: tuple[int, ...]
-    stats: dict = field(default_factory=dict)  # scalar stats (capture/stats.py)
+    stats: dict
     stats_array: np.ndarray | None = None  # per-(token, head) or per-row stats
+
+    @property
+    def seq(self) -> int:
+        return int(self.meta["seq"])
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +81,7 @@ def _fsync_dir(path: str) -> None:
 
 
 class SegmentWriter:
-    """Rotating segments of one process. Not thread-safe: only the writer thread calls it."""
+    """Rotating segments of one writer run. Not thread-safe: only one thread calls it."""
 
     def __init__(
         self,
@@ -70,77 +91,167 @@ class SegmentWriter:
         compress: str = "none",
         segment_records: int = 20_000,
         segment_bytes: int = 2 << 30,
+        checksum: bool = False,
     ):
         self.directory = directory
         self.rank = rank
         self.root_attrs = root_attrs
         self.segment_records = segment_records
         self.segment_bytes = segment_bytes
+        self.checksum = checksum
+        self.compress = compress
         self._dataset_options = {} if compress == "none" else {"compression": compress, "chunks": True}
         self._host = str(root_attrs.get("host", "host"))
         self._pid = int(root_attrs.get("pid", os.getpid()))
+        self._run_id = str(root_attrs.get("run_id", ""))
         self._seg = 0
         self._file: h5py.File | None = None
         self._tmp_path = ""
         self._rows: list[tuple] = []
         self._metas: list[str] = []
         self._bytes = 0
+        self._dirty = False
+        self.totals: dict[str, int] = {}  # the writer's loss totals, written at every commit
+        self._written_totals: dict[str, tuple] = {}  # name -> (attribute id, value on disk)
+        self._types: dict[str, h5t.TypeID] = {}
+        self._spaces: dict[tuple, h5s.SpaceID] = {}
+        self._scalar = h5s.create(h5s.SCALAR)
+        self._gcpl = h5p.create(h5p.GROUP_CREATE)
+        self._gcpl.set_obj_track_times(False)
+        self._dcpl = h5p.create(h5p.DATASET_CREATE)
+        self._dcpl.set_obj_track_times(False)
+        self._dcpl.set_fill_time(h5d.FILL_TIME_NEVER)  # every byte is written right after
         self.paths: list[str] = []  # closed segments
 
     # -- records ---------------------------------------------------------------------------
     def write(self, rec: PendingRecord) -> None:
-        """Write one record and flush: from here on a SIGKILL cannot take it away."""
+        """Write one record (visible after a crash once `commit` has flushed it)."""
         if self._file is None:
             self._open_next()
-        meta_json = json.dumps(rec.meta, separators=(",", ":"), allow_nan=True)
-        group = h5g.create(self._records.id, schema.record_group_name(rec.seq).encode())
+        group = h5g.create(self._records.id, schema.record_group_name(rec.seq).encode(), None, self._gcpl)
         if rec.array is not None:
             dataset = self._write_tensor(group, rec.meta["point"], rec.array)
             if rec.dtype in RAW_BITS:
-                _write_text_attr(dataset, schema.DTYPE_ATTR, rec.dtype)
+                self._text_attr(dataset, schema.DTYPE_ATTR, rec.dtype)
+            if self.checksum:
+                attr = h5a.create(dataset, CRC_ATTR.encode(), h5t.STD_U32LE, self._scalar)
+                attr.write(np.array(crc32(rec.array), dtype="<u4"))
         if rec.stats_array is not None:
             if rec.stats_array.nbytes <= schema.STATS_ATTR_MAX_BYTES:
-                _write_array_attr(group, schema.STATS_DATASET, rec.stats_array)
+                attr = h5a.create(group, schema.STATS_DATASET.encode(), self._type(rec.stats_array.dtype),
+                                  self._space(rec.stats_array.shape))
+                attr.write(np.ascontiguousarray(rec.stats_array))
             else:
-                _write_dataset(group, schema.STATS_DATASET, rec.stats_array)
-        _write_text_attr(group, schema.META_ATTR, meta_json)
-        self._file.flush()
+                self._dataset(group, schema.STATS_DATASET, rec.stats_array)
+        self._text_attr(group, schema.META_ATTR, rec.meta_json)
         self._rows.append(_index_row(rec))
-        self._metas.append(meta_json)
+        self._metas.append(rec.meta_json)
         self._bytes += rec.nbytes
+        self._dirty = True
         if len(self._rows) >= self.segment_records or self._bytes >= self.segment_bytes:
             self.close_segment()
 
+    def commit(self) -> None:
+        """The flush point of a batch: the totals brought up to date, then one HDF5 flush."""
+        if self._file is None or not self._dirty:
+            return
+        self._write_totals()
+        self._file.flush()
+        self._dirty = False
+
     def _write_tensor(self, group, point: str, array: np.ndarray):
-        if not self._dataset_options:
-            return _write_dataset(group, point, array)
-        dataset = h5py.Group(group).create_dataset(point, data=array, **self._dataset_options)
-        return dataset.id
+        if self._dataset_options:
+            return h5py.Group(group).create_dataset(point, data=array, **self._dataset_options).id
+        return self._dataset(group, point, array)
+
+    def _dataset(self, location, name: str, data: np.ndarray):
+        dataset = h5d.create(location, name.encode(), self._type(data.dtype), self._space(data.shape), self._dcpl)
+        if data.size:
+            dataset.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data) if data.ndim else data)
+        return dataset
+
+    def _type(self, dtype: np.dtype):
+        key = dtype.str if dtype.fields is None else str(dtype.descr)
+        found = self._types.get(key)
+        if found is None:
+            found = self._types[key] = h5t.py_create(dtype, logical=True)
+        return found
+
+    def _space(self, shape: tuple):
+        found = self._spaces.get(shape)
+        if found is None:
+            if len(self._spaces) >= _SPACE_CACHE:
+                self._spaces.clear()
+            found = self._spaces[shape] = h5s.create_simple(shape) if shape else h5s.create(h5s.SCALAR)
+        return found
+
+    def _text_attr(self, location, name: str, text: str) -> None:
+        raw = text.encode("utf-8")
+        string_type = h5t.C_S1.copy()
+        string_type.set_size(max(len(raw), 1))
+        string_type.set_strpad(h5t.STR_NULLPAD)
+        string_type.set_cset(h5t.CSET_UTF8)
+        attr = h5a.create(location, name.encode(), string_type, self._scalar)
+        attr.write(np.array(raw, dtype=f"S{max(len(raw), 1)}"), mtype=string_type)
+
+    def _write_totals(self) -> None:
+        """Root attributes records_total, ..., each rewritten only when its value changed."""
+        for name, value in self.totals.items():
+            held = self._written_totals.get(name)
+            if held is not None and held[1] == value:
+                continue
+            attr = held[0] if held is not None else h5a.create(self._file.id, name.encode(), h5t.STD_I64LE,
+                                                                 self._scalar)
+            attr.write(np.array(value, dtype="<i8"))
+            self._written_totals[name] = (attr, value)
 
     # -- segments --------------------------------------------------------------------------
     def _open_next(self) -> None:
         create_private_dir(self.directory)
-        name = schema.segment_name(self.rank, self._host, self._pid, self._seg)
-        self._tmp_path = os.path.join(self.directory, name.replace(schema.SUFFIX, schema.TMP_SUFFIX))
-        fd = os.open(self._tmp_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        os.close(fd)
-        self._file = h5py.File(self._tmp_path, "w", libver=LIBVER, locking=False)
+        while True:  # the next name free under both its names: never replace a segment
+            final = os.path.join(self.directory, self._name())
+            self._tmp_path = final[: -len(schema.SUFFIX)] + schema.TMP_SUFFIX
+            if os.path.lexists(final):
+                self._seg += 1
+                continue
+            try:
+                fd = os.open(self._tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                self._seg += 1
+                continue
+            os.close(fd)
+            break
+        self._file = h5py.File(self._tmp_path, "w", libver=LIBVER, locking=False)  # the empty file made above
+        config = self._file.id.get_mdc_config()
+        config.set_initial_size = True
+        config.initial_size = config.min_size = config.max_size = METADATA_CACHE_BYTES
+        config.incr_mode = config.decr_mode = config.flash_incr_mode = 0  # fixed size
+        self._file.id.set_mdc_config(config)
         attrs = self._file.attrs
         attrs["tensortap_format"] = schema.FORMAT_VERSION
         attrs["segment"] = self._seg
         attrs["opened_ns"] = time.time_ns()
+        attrs["writer_pid"] = os.getpid()
         for key, value in self.root_attrs.items():
             attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
         self._records = self._file.create_group(schema.RECORDS_GROUP)
-        self._file.flush()
+        self._written_totals = {}
         self._rows, self._metas, self._bytes = [], [], 0
+        self._dirty = True
+        self._write_totals()
+        self._file.flush()
+        self._dirty = False
+
+    def _name(self) -> str:
+        return schema.segment_name(self.rank, self._host, self._pid, self._seg, self._run_id)
 
     def close_segment(self, final_attrs: dict | None = None) -> None:
-        """Write the index (commit marker), close, fsync and rename the open segment."""
+        """Write the index (commit marker) and the final totals, close, fsync and rename the open segment."""
         if self._file is None:
             return
         f, self._file = self._file, None
         try:
+            self.totals.update({k: int(v) for k, v in (final_attrs or {}).items() if k in schema.LOSS_TOTALS})
             index = np.array(self._rows, dtype=schema.INDEX_DTYPE)
             f.create_dataset(schema.INDEX_DATASET, data=index)
             f.create_dataset(
@@ -148,16 +259,28 @@ class SegmentWriter:
                 data=np.array(self._metas, dtype=object),
                 dtype=h5py.string_dtype("utf-8"),
             )
+            self._file = f  # for the totals' attribute ids
+            self._write_totals()
+            self._file = None
             for key, value in (final_attrs or {}).items():
-                f.attrs[key] = value
+                if key not in schema.LOSS_TOTALS:
+                    f.attrs[key] = value
             f.attrs["records"] = len(self._rows)
             f.attrs["closed_ns"] = time.time_ns()
         finally:
+            self._file = None
+            self._written_totals = {}
             f.close()
         with open(self._tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         final = self._tmp_path[: -len(".tmp")]
-        os.rename(self._tmp_path, final)
+        while True:
+            try:
+                rename_no_replace(self._tmp_path, final)
+                break
+            except FileExistsError:  # someone made that name since we opened: the next free one
+                self._seg += 1
+                final = os.path.join(self.directory, self._name())
         _fsync_dir(self.directory)
         self.paths.append(final)
         self._seg += 1
@@ -171,6 +294,7 @@ class SegmentWriter:
         if self._file is None:
             return
         f, self._file = self._file, None
+        self._written_totals = {}
         try:
             fd = f.id.get_vfd_handle()
             devnull = os.open(os.devnull, os.O_RDWR)
@@ -195,28 +319,39 @@ class SegmentWriter:
         return self._tmp_path if self._file is not None else None
 
 
-# h5py's low-level API: the high-level one costs ~70 us of Python per attribute (measured here).
-def _write_dataset(location, name: str, data: np.ndarray):
-    space = h5s.create_simple(data.shape) if data.ndim else h5s.create(h5s.SCALAR)
-    dataset = h5d.create(location, name.encode(), h5t.py_create(data.dtype, logical=True), space)
-    if data.size:
-        dataset.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data) if data.ndim else data)
-    return dataset
+def crc32(array: np.ndarray) -> int:
+    """zlib.crc32 of the stored bytes in C order (0 for an empty array); zlib releases the GIL."""
+    if not array.size:
+        return 0
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
-def _write_text_attr(location, name: str, text: str) -> None:
-    raw = text.encode("utf-8")
-    string_type = h5t.C_S1.copy()
-    string_type.set_size(max(len(raw), 1))
-    string_type.set_strpad(h5t.STR_NULLPAD)
-    string_type.set_cset(h5t.CSET_UTF8)
-    attr = h5a.create(location, name.encode(), string_type, h5s.create(h5s.SCALAR))
-    attr.write(np.array(raw, dtype=f"S{max(len(raw), 1)}"), mtype=string_type)
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = None
 
 
-def _write_array_attr(location, name: str, data: np.ndarray) -> None:
-    attr = h5a.create(location, name.encode(), h5t.py_create(data.dtype, logical=True), h5s.create_simple(data.shape))
-    attr.write(np.ascontiguousarray(data))
+def rename_no_replace(src: str, dst: str) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing `dst` (renameat2 on Linux;
+    elsewhere a check then a rename)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.renameat2  # noqa: B018  (absent before glibc 2.28)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise FileExistsError(code, "segment exists", dst)
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), src)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "segment exists", dst)
+    os.rename(src, dst)
 
 
 def _index_row(rec: PendingRecord) -> tuple:
