@@ -34,12 +34,11 @@ from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.writer import ChildSink, Counters, Job, LocalSink, Writer
+from tensortap.capture.writer import ChildSink, Counters, Job, Writer, make_sink
 from tensortap.config import TapConfig, from_mapping, parse_tap
 from tensortap.errors import TapConfigError
 from tensortap.format import schema
 from tensortap.format.codecs import dtype_name
-from tensortap.format.segment import SegmentWriter
 
 log = logging.getLogger("tensortap")
 
@@ -477,12 +476,7 @@ def _from_parts_available() -> bool:
 
 def _make_sink(config: TapConfig, rank: int, identity: dict):
     """Where records go: a writer process (outside this GIL), or h5py in the writer thread."""
-    opening = dict(dir=config.dir, rank=rank, root_attrs=identity, compress=config.compress,
-                   segment_records=config.segment_records, segment_bytes=config.segment_bytes)
-    if config.writer == "process":
-        return ChildSink(opening)
-    return LocalSink(SegmentWriter(opening["dir"], rank, identity, config.compress, config.segment_records,
-                                   config.segment_bytes))
+    return make_sink(config, rank, identity)
 
 
 class _GraphHooks:

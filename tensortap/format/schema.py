@@ -2,15 +2,17 @@
 
 A dump is a directory of segments, one writer process writing one sequence of them:
 
-    <dir>/rank{R:05d}-{host}-{pid}.{seg:05d}.tap.h5      closed, committed
-    <dir>/rank{R:05d}-{host}-{pid}.{seg:05d}.tap.h5.tmp  being written, or left by a crash
+    <dir>/rank{R:05d}-{host}-{pid}-{run_id}.{seg:05d}.tap.h5      closed, committed
+    <dir>/rank{R:05d}-{host}-{pid}-{run_id}.{seg:05d}.tap.h5.tmp  being written, or left by a crash
+    (files from before run ids have no `-{run_id}`; no write ever replaces an existing segment)
 
 Inside a segment (HDF5, superblock of the 1.8 format so that a crashed file still opens):
 
     /                     attrs: tensortap_format=1, identity (host, pid, ...), config (JSON)
     /records/{seq:012d}   one group per record
         attrs: meta       JSON: every metadata field of the record (DESIGN section 3)
-        <point>           the tensor; bfloat16 and float8 as raw bits with a `dtype` attribute
+        <point>           the tensor; bfloat16 and float8 as raw bits with a `dtype` attribute, and
+                          with checksum=on a `crc32` attribute (uint32: zlib.crc32 of the stored bytes)
         _stats            capture-time stats (head stats [T, H] or valid-per-row [T]): an attribute
                           up to 32 KiB, a dataset beyond
     /index                compound table of every record (INDEX_DTYPE), written at close:
@@ -122,7 +124,7 @@ RECORD_FIELDS = (
 FIELDS = {f.name: f for f in RECORD_FIELDS}
 INT_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.kind == "int")
 SYSTEM_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.system)
-# Integer stats every record's `stats` may carry (capture/stats), as readers show them.
+# Integer stats every record's `stats` may carry (format/stats.py), as readers show them.
 INT_STATS = ("nonfinite", "nan", "posinf", "neginf", "zero_heads", "empty_rows")
 
 # The index table: the indexed fields, then what the writer derives from the stored array and its stats.
@@ -209,9 +211,11 @@ def declared_nbytes(shape, dtype_itemsize: int) -> int:
     return math.prod(shape) * dtype_itemsize
 
 
-def segment_name(rank: int, host: str, pid: int, seg: int) -> str:
+def segment_name(rank: int, host: str, pid: int, seg: int, run_id: str = "") -> str:
+    """rank{R:05d}-{host}-{pid}-{run_id}.{seg:05d}.tap.h5 (no `-{run_id}` in files from before run ids)."""
     safe_host = "".join(c if c.isalnum() or c in "._" else "_" for c in host)[:64] or "host"
-    return f"rank{rank:05d}-{safe_host}-{pid}.{seg:05d}{SUFFIX}"
+    run = f"-{run_id}" if run_id else ""
+    return f"rank{rank:05d}-{safe_host}-{pid}{run}.{seg:05d}{SUFFIX}"
 
 
 def record_group_name(seq: int) -> str:
