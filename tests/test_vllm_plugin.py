@@ -1,10 +1,9 @@
-"""The vLLM plugin (tensortap.integrations.vllm) against the vLLM 0.33.0 sources, on the CPU.
+"""The vLLM plugin (tensortap.integrations.vllm) on vLLM 0.33.0's own objects, on the CPU.
 
-vLLM's Triton/CUDA kernels do not run here, so each test replaces the innermost kernels with small
-pure-torch fakes *before* register() wraps them: the FlashMLA sparse kernel, the index conversion
-(the reference's filter_and_convert), the DCP collectives and the TP all-reduce. What runs between
-them is vLLM's own code: DeepseekV32Attention._sparse_indexer_and_attn, FlashMLASparseImpl.forward_mqa
-and its mixed-batch fp8 path, fused_allreduce_rms_norm. Skipped where vLLM is not installed (CI).
+tests/vllm_cpu.py builds them (real configs, real DeepseekV32Attention + FlashMLASparseImpl + MLADCPManager,
+real FlashMLASparseMetadata and BlockTable) and lists what is faked: the CUDA/Triton kernels, NCCL
+collectives and process-group getters. Where vLLM is expected (CI, TENSORTAP_REQUIRE_VLLM=1) a vLLM that
+does not import fails these tests instead of skipping them.
 """
 
 from __future__ import annotations
@@ -12,401 +11,310 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm")
-
-from vllm.compilation.backends import set_model_tag  # noqa: E402
-from vllm.distributed import parallel_state  # noqa: E402
-from vllm.model_executor.layers.attention import attention as attention_module  # noqa: E402
-from vllm.model_executor.layers.attention import mla_attention  # noqa: E402
-from vllm.models.common.ops import fused_allreduce_rms_norm as far  # noqa: E402
-from vllm.models.deepseek_v32 import attention as dsa  # noqa: E402
-from vllm.v1.attention.backends.mla import flashmla_sparse, index_group, sparse_utils  # noqa: E402
-from vllm.v1.attention.ops import dcp  # noqa: E402
+import vllm_cpu as V  # noqa: E402  (imports vLLM, or skips/fails as above)
 
 import tensortap  # noqa: E402
-from tensortap.mla import sharding  # noqa: E402
+from tensortap.integrations import vllm as plugin  # noqa: E402
+from tensortap.integrations.vllm import patching, pages, state  # noqa: E402
+from tensortap.mla import attention as ref_attention, kvcache, sharding  # noqa: E402
+from vllm.compilation.backends import set_model_tag  # noqa: E402
+from vllm.v1.attention.backends.mla import flashinfer_mla_sparse  # noqa: E402
+from vllm.v1.attention.backends.utils import get_dcp_local_seq_lens  # noqa: E402
 
-# TP8 / DCP4 on global rank 5: DCP group {4, 5, 6, 7}, group rank 1; 16 heads, 2 per rank.
-TP_RANK, TP_SIZE, DCP_SIZE, GROUP_RANK = 5, 8, 4, 1
-HEADS, LOCAL, V, BS, TOPK, NUM_LAYERS = 16, 2, 4, 64, 8, 78
-SEQ_LENS = torch.tensor([70, 9, 200], dtype=torch.int32)  # [R]
-TABLE = torch.tensor([[3, 1, 0, 0], [2, 0, 0, 0], [4, 5, 6, 0]], dtype=torch.int32)  # [R, nb]
-TOPK_IDS = torch.tensor([[0, 1, 5, 64, 69, -1, 2, 3], [0, 4, 8, -1, -1, -1, -1, -1],  # [T, K]
-                         [1, 5, 9, 13, 133, 199, -1, 150]], dtype=torch.int32)
+POINTS_IN_ORDER = ["block_table", "q", "topk", "slots", "kv_pages", "partial_out", "lse", "merged_out", "attn_out",
+                   "o_proj_partial", "hidden"]
 
 
 @pytest.fixture
-def plugin(monkeypatch):
-    """The plugin module; every patch it made is undone before monkeypatch restores vLLM's originals."""
-    from tensortap.integrations import vllm as plugin
-
-    monkeypatch.setattr(plugin, "_WARNED", set())
+def plugin_off(monkeypatch):
+    """TAP unset; every patch the plugin makes in a test is undone before monkeypatch restores vLLM."""
+    monkeypatch.setattr(state, "WARNED", set())
     monkeypatch.delenv("TAP", raising=False)
     yield plugin
     plugin.unregister()
     tensortap.close()
 
 
-def _originals(plugin) -> dict:
+@pytest.fixture
+def tapped(plugin_off, monkeypatch, tap_dir):
+    """Fakes in place, TAP set, register() run, the cache writer's block table built."""
+    V.install_fakes(monkeypatch)
+    monkeypatch.setenv("TAP", tap_dir)
+    plugin.register()
+    V.block_table()
+    return tap_dir
+
+
+def _resolve(module_name, path):
+    owner = __import__(module_name, fromlist=["_"])
+    for part in path.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _originals() -> dict:
     found = {}
-    for module_name, path, _ in plugin._targets():
-        owner = __import__(module_name, fromlist=["_"])
-        for part in path.split("."):
-            owner = getattr(owner, part)
-        found[(module_name, path)] = owner
+    for module_name, path, _ in plugin.targets():
+        try:
+            found[(module_name, path)] = _resolve(module_name, path)
+        except (ImportError, AttributeError):  # a module this build cannot import on the CPU
+            continue
     return found
 
 
-# -- (a) disabled: nothing patched ------------------------------------------------------------------------
+def run_decode(config, index=3, tag=None, md=None, cache=None, fused=False, monkeypatch=None):
+    if tag is None:
+        layer = V.make_layer(config, index)
+    else:
+        with set_model_tag(tag):
+            layer = V.make_layer(config, index)
+    md = md or V.make_metadata(get_dcp_local_seq_lens(V.SEQ_LENS, V.DCP, V.RANK, 1))
+    cache = V.make_cache() if cache is None else cache
+    hidden = torch.randn(3, V.HIDDEN, generator=torch.Generator().manual_seed(index))  # [T, C]
+    partial, normed = V.decode(layer, config, md, cache, hidden)
+    return layer, md, cache, partial, normed
+
+
+# -- (a) registration ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [None, "", "0", "  0 "])
-def test_disabled_patches_nothing(plugin, monkeypatch, value):
+def test_disabled_patches_nothing(plugin_off, monkeypatch, value):
     if value is not None:
         monkeypatch.setenv("TAP", value)
-    before = _originals(plugin)
+    before = _originals()
     plugin.register()
-    after = _originals(plugin)
-    assert all(after[key] is before[key] for key in before)
-    assert plugin._PATCHES == [] and not tensortap.enabled()
+    assert _originals() == before and patching.PATCHES == [] and not patching.hooks()
+    assert not tensortap.enabled()
 
 
-def test_disabled_register_imports_nothing_heavy():
-    code = ("import sys; from tensortap.integrations import vllm as p; p.register(); "
-            "print(sorted(m for m in ('torch', 'vllm', 'tensortap.capture') if m in sys.modules))")
-    env = {k: v for k, v in os.environ.items() if k != "TAP"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def _fresh(code: str, tap: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TAP", "VLLM_PLUGINS")}
+    if tap:
+        env["TAP"] = tap
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()
 
 
-# -- (b) enabled: patched once, TAP validated ----------------------------------------------------------
-def test_enabled_patches_each_target_once(plugin, monkeypatch, tap_dir):
+def test_disabled_register_imports_nothing_beyond_the_plugin():
+    code = ("import sys; before = set(sys.modules); from tensortap.integrations import vllm as p; p.register(); "
+            "print(sorted(m for m in set(sys.modules) - before if not m.startswith('tensortap.integrations')))")
+    assert _fresh(code, "")[-1] == "['tensortap', 'tensortap.errors']"  # the package's own __init__ only
+
+
+def test_tap_set_patches_model_code_only_when_vllm_imports_it(tap_dir):
+    """vLLM's own loader finds the entry point; register() imports no model code; the import hook patches
+    DeepseekV32Attention when vLLM imports it."""
+    code = ("import sys; from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "mods = ('vllm.models.deepseek_v32.attention', 'vllm.model_executor.layers.attention.mla_attention', "
+            "'vllm.v1.attention.backends.mla.flashmla_sparse'); print([m in sys.modules for m in mods]); "
+            "from vllm.models.deepseek_v32.attention import DeepseekV32Attention as A; "
+            "print(hasattr(A.forward, '__tensortap_original__'), hasattr(A._sparse_indexer_and_attn, "
+            "'__tensortap_original__'))")
+    assert _fresh(code, tap_dir)[-2:] == ["[False, False, False]", "True True"]
+
+
+def test_enabled_patches_each_target_once(plugin_off, monkeypatch, tap_dir):
+    before = _originals()
     monkeypatch.setenv("TAP", tap_dir)
-    before = _originals(plugin)
     plugin.register()
-    after = _originals(plugin)
+    after = _originals()
     for key, original in before.items():
+        if original is None:
+            continue
         assert after[key] is not original, key
         assert after[key].__tensortap_original__ is original, key
     assert tensortap.enabled() and tensortap.current_config().dir == tap_dir
-    patches = list(plugin._PATCHES)
+    patches = list(patching.PATCHES)
     plugin.register()
-    assert plugin._PATCHES == patches and _originals(plugin) == after
+    assert patching.PATCHES == patches and _originals() == after
     plugin.unregister()
-    assert _originals(plugin) == before
+    assert _originals() == before and not patching.hooks()
 
 
-@pytest.mark.parametrize("tap, patched", [("", 0), ("{dir}", 13)])
-def test_vllm_loads_the_entry_point(tap_dir, tap, patched):
-    """vLLM's own plugin loader finds the pyproject entry point and runs register() (a fresh process)."""
-    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
-            "from tensortap.integrations import vllm as p; print(len(p._PATCHES))")
-    env = {**os.environ, "TAP": tap.format(dir=tap_dir)}
-    env.pop("VLLM_PLUGINS", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == str(patched)
-
-
-def test_malformed_tap_raises_and_patches_nothing(plugin, monkeypatch, tap_dir):
+def test_malformed_tap_raises_and_patches_nothing(plugin_off, monkeypatch, tap_dir):
     monkeypatch.setenv("TAP", f"{tap_dir};layer=3")
-    before = _originals(plugin)
+    before = _originals()
     with pytest.raises(tensortap.TapConfigError, match="unknown TAP key 'layer'"):
         plugin.register()
-    assert plugin._PATCHES == [] and _originals(plugin) == before
+    assert patching.PATCHES == [] and _originals() == before
 
 
-# -- (c) a synthetic decode through vLLM's own code --------------------------------------------------------
-def fake_filter_and_convert(req_id, block_table, token_indices, dcp_size, dcp_rank, cp_kv_cache_interleave_size=1,
-                            BLOCK_SIZE=64, BLOCK_STRIDE_ROWS=None, NUM_TOPK_TOKENS=2048, BLOCK_N=128,
-                            return_valid_counts=False, compact_valid_to_front=True):
-    """triton_filter_and_convert_dcp_index without Triton: the reference's filter_and_convert."""
-    slots = sharding.filter_and_convert(token_indices, req_id.long(), block_table, BLOCK_SIZE, dcp_size, dcp_rank,
-                                        cp_kv_cache_interleave_size)  # [T, K]
-    return (slots, (slots >= 0).sum(-1).int()) if return_valid_counts else slots
-
-
-def fake_group_convert(self, layer_index, logical_topk_indices, attn_metadata, *, block_stride_rows,
-                       return_valid_counts):
-    """SparseMLAIndexGroup's DCP 1 conversion without Triton: replicated addressing."""
-    return fake_filter_and_convert(attn_metadata.req_id_per_token, attn_metadata.block_table,
-                                   logical_topk_indices, 1, 0, BLOCK_SIZE=attn_metadata.block_size,
-                                   return_valid_counts=return_valid_counts)
-
-
-def fake_kernel(self, q, kv_c_and_k_pe_cache, topk_indices, kernel_metadata):
-    """FlashMLA's fp8 sparse decode, faked: out = latent q scaled by the row's valid index count."""
-    valid = (topk_indices >= 0).sum(-1).float()  # [1, T]
-    out = q[..., :512] * valid[..., None, None]  # [1, T, H, 512]
-    lse = valid[:, None, :].expand(1, q.shape[2], q.shape[1]).clone()  # [1, H, T]
-    return out, lse
-
-
-def fake_combine_factory(manager, *args, **kwargs):
-    """MLADCPManager._init_combine, faked: the 'merge' keeps this rank's heads, times 3."""
-
-    def combine(partial_output, partial_lse, seq_lens=None, query_start_loc=None):
-        return partial_output[:, GROUP_RANK * LOCAL:(GROUP_RANK + 1) * LOCAL] * 3  # [T, Hl, 512]
-
-    return combine
-
-
-def fake_mla_init(self, prefix, impl, manager=None):
-    """MLAAttention.__init__, faked: only the attributes the DSA decode reads."""
-    torch.nn.Module.__init__(self)
-    gen = torch.Generator().manual_seed(len(prefix))
-    self.layer_name, self.impl, self.dcp_manager = prefix, impl, manager
-    self.num_heads = self.num_local_heads = LOCAL
-    self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim = 512, 64, V
-    self.scale, self.kv_cache_dtype, self.use_pcp = 0.0625, "fp8_ds_mla", False
-    self.indexer, self._fp8_kv_needs_view, self._fp8_query = None, False, False
-    self.is_aiter_triton_fp4_bmm_enabled = self.is_aiter_triton_fp8_bmm_enabled = self.is_amx_bmm_enabled = False
-    self._use_sparse_mha = lambda md: False
-    self.W_q = torch.randn(32, LOCAL, 576, generator=gen)  # [C, Hl, 576]
-    self.W_UV = torch.randn(LOCAL, 512, V, generator=gen)  # [Hl, 512, v]
-    self.W_o = torch.randn(LOCAL * V, 32, generator=gen)  # [Hl*v, C]
-
-
-def fake_dsa_forward(self, positions, hidden_states):
-    """DeepseekV32Attention.forward without its fused Triton kernels: q, then vLLM's own attention call."""
-    q = torch.einsum("tc,chd->thd", hidden_states, self.W_q)  # [T, Hl, 576]
-    output = torch.empty(hidden_states.shape[0], LOCAL * V)  # [T, Hl*v]
-    self._sparse_indexer_and_attn(positions, None, None, None, None, None, None, None, None,
-                                  q[..., :512].contiguous(), q[..., 512:].contiguous(), output)
-    return output @ self.W_o  # [T, C]: o_proj with reduce_results=False
-
-
-def fake_forward_impl(self, q, k_c_normed, k_pe, kv_cache, attn_metadata, output, **kwargs):
-    """MLAAttention.forward_impl's decode rows (its DCP branch), around vLLM's own _v_up_proj."""
-    attn_out, lse = self.impl.forward_mqa(self.dcp_manager.query_gather(q), kv_cache, attn_metadata, self)
-    attn_out = self.dcp_manager.combine(attn_out, lse, seq_lens=None, query_start_loc=None)  # [T, Hl, 512]
-    self._v_up_proj(attn_out, out=output[: attn_metadata.num_actual_tokens])
-    return output
-
-
-class Workspace:
-    def get_simultaneous(self, *specs):
-        return (torch.empty(16, LOCAL, 576),)  # FlashMLA's q concat buffer: [max tokens, Hl, 576] (fp8 cache)
-
-
-def fake_concat_mla_q(ql_nope, q_pe, out):
-    out.copy_(torch.cat([ql_nope, q_pe], dim=-1))  # [T, Hl, 576]
-
-
-@pytest.fixture
-def vllm_cpu(plugin, monkeypatch, tap_dir):
-    """Fakes in place, TAP set, register() run: returns a builder of DSA layers and the batch."""
-    for module in (sparse_utils, flashmla_sparse):
-        monkeypatch.setattr(module, "triton_filter_and_convert_dcp_index", fake_filter_and_convert)
-    monkeypatch.setattr(index_group.SparseMLAIndexGroup, "convert_logical_to_physical_topk", fake_group_convert)
-    monkeypatch.setattr(dcp.MLADCPManager, "_init_combine", fake_combine_factory)
-    monkeypatch.setattr(mla_attention.MLAAttention, "__init__", fake_mla_init)
-    monkeypatch.setattr(dsa.DeepseekV32Attention, "forward", fake_dsa_forward)
-    monkeypatch.setattr(mla_attention.MLAAttention, "forward_impl", fake_forward_impl)
-    monkeypatch.setattr(far, "tensor_model_parallel_all_reduce", lambda x: x * TP_SIZE)
-    monkeypatch.setattr(far, "get_tensor_model_parallel_world_size", lambda: TP_SIZE)
-    monkeypatch.setattr(flashmla_sparse.FlashMLASparseImpl, "_fp8_flash_mla_kernel", fake_kernel)
-    monkeypatch.setattr(flashmla_sparse, "current_workspace_manager", Workspace)
-    monkeypatch.setattr(flashmla_sparse.ops, "concat_mla_q", fake_concat_mla_q)
-    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_rank", lambda: TP_RANK)
-    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: TP_SIZE)
-    monkeypatch.setattr(parallel_state, "get_dcp_world_size_and_rank", lambda enabled=True: (DCP_SIZE, GROUP_RANK))
-    config = SimpleNamespace(model_config=SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=NUM_LAYERS)),
-                             parallel_config=SimpleNamespace(cp_kv_cache_interleave_size=1, dcp_comm_backend="ag_rs"))
-    monkeypatch.setattr("vllm.config.vllm._current_vllm_config", config)
-    monkeypatch.setenv("TAP", tap_dir)
-    plugin.register()
-    batch = make_batch()
-    monkeypatch.setattr("vllm.forward_context.is_forward_context_available", lambda: True)
-    for module in (attention_module, dsa):
-        monkeypatch.setattr(module, "get_attention_context", lambda name: (batch.md, None, batch.cache, None))
-    return batch
-
-
-def make_batch():
-    """Three decode requests, one token each, on an fp8_ds_mla cache of 8 blocks."""
-    gen = torch.Generator().manual_seed(0)
-    kernel_md = flashmla_sparse.FlashMLASparseMetadata.FP8KernelMetadata(None, None, None)
-    md = SimpleNamespace(num_actual_tokens=3, num_decode_tokens=3, num_reqs=3, seq_lens=SEQ_LENS, max_seq_len=200,
-                         block_table=TABLE, block_size=BS, cp_kv_cache_interleave_size=1,
-                         req_id_per_token=torch.arange(3, dtype=torch.int32), fp8_use_mixed_batch=True,
-                         fp8_extra_metadata=kernel_md)
-    cache = torch.randint(0, 256, (8, BS, 656), dtype=torch.uint8, generator=gen)  # [blocks, bs, 656]
-    hidden = torch.randn(3, 32, generator=gen)  # [T, C]
-    return SimpleNamespace(md=md, cache=cache, hidden=hidden, positions=SEQ_LENS.long() - 1)
-
-
-def make_layer(index: int, dcp_size: int, tag: str | None = None, cls=dsa.DeepseekV32Attention):
-    """A DeepseekV32Attention (or `cls`) over a FlashMLASparseImpl, built by the wrapped MLAAttention.__init__."""
-    impl = object.__new__(flashmla_sparse.FlashMLASparseImpl)
-    impl.dcp_world_size, impl.dcp_rank = dcp_size, GROUP_RANK if dcp_size > 1 else 0
-    impl.need_to_return_lse_for_decode = dcp_size > 1
-    impl.num_heads, impl.q_head_size, impl.kv_lora_rank, impl.kv_cache_dtype = LOCAL, 576, 512, "fp8_ds_mla"
-    impl.workspace_specs, impl.index_group_index = (), 0
-    impl._indexer, impl._topk_indices_buffer = None, TOPK_IDS.clone()
-    impl.index_group = object.__new__(index_group.SparseMLAIndexGroup)
-    impl.index_group.num_layers, impl.index_group.has_indexer = 1, False
-    manager = None
-    if dcp_size > 1:
-        gather = lambda q: torch.cat([q * (r + 1) for r in range(DCP_SIZE)], dim=1)  # noqa: E731  [T, N*Hl, 576]
-        manager = SimpleNamespace(query_gather=gather, combine=dcp.MLADCPManager._init_combine(None))
-    layer = cls.__new__(cls)
-    if tag is None:
-        mla_attention.MLAAttention.__init__(layer, f"model.layers.{index}.self_attn.attn", impl, manager)
-    else:
-        with set_model_tag(tag):
-            mla_attention.MLAAttention.__init__(layer, f"model.layers.{index}.self_attn.attn", impl, manager)
-    return layer
-
-
-def decode(layer, batch):
-    """One layer call and the decoder's post-attention all-reduce + RMSNorm (vLLM's unfused path)."""
-    partial = layer(batch.positions, batch.hidden)  # [T, C]
-    reference = partial.clone()
-    far.fused_allreduce_rms_norm(partial, torch.zeros_like(partial), lambda x, residual: (x + residual, x))
-    return reference
-
-
-def test_dcp4_decode_records_every_point(vllm_cpu, plugin, tap_dir):
-    layer = make_layer(3, DCP_SIZE)
-    assert hasattr(flashmla_sparse.FlashMLASparseImpl.__dict__["forward_mqa"], "__tensortap_original__")  # at build
-    partial = decode(layer, vllm_cpu)
+# -- (b) one DCP4 decode through vLLM's own layer ------------------------------------------------------------------
+def test_dcp4_decode_records_every_point_with_the_metadata_vllm_used(tapped):
+    config = V.vllm_config(V.target_parallel())
+    layer, md, cache, partial, _ = run_decode(config)
+    assert layer.impl.dcp_world_size == V.DCP and layer.dcp_manager is not None  # vLLM's own DCP belief
     tensortap.close()
-    d = tensortap.open(tap_dir)
-    expected = ["block_table", "kv_pages", "q", "topk", "slots", "partial_out", "lse", "merged_out", "attn_out",
-                "o_proj_partial", "hidden"]
-    assert [r.meta["point"] for r in d.iter()] == expected
+    d = tensortap.open(tapped)
+    assert [r.meta["point"] for r in d.iter()] == POINTS_IN_ORDER
+    local = get_dcp_local_seq_lens(V.SEQ_LENS, V.DCP, V.RANK, 1)  # [R], as the model runner computes them
     for rec in d.iter():
         m = rec.meta
-        assert rec.meta["name"] == f"layers.3.attn.{m['point']}"
+        assert m["name"] == f"layers.3.attn.{m['point']}"
         assert (m["step"], m["layer"], m["role"], m["spec_pos"]) == (0, 3, "target", 0)
-        assert (m["tp_rank"], m["tp_size"], m["dcp_rank"], m["dcp_size"]) == (TP_RANK, TP_SIZE, GROUP_RANK, DCP_SIZE)
+        assert (m["tp_rank"], m["tp_size"], m["dcp_rank"], m["dcp_size"]) == (V.RANK, V.TP, V.RANK, V.DCP)
         assert (m["group_dcp_rank"], m["group_dcp_size"], m["kv_dcp_size"], m["interleave"]) == (1, 4, 4, 1)
-        assert (m["num_heads"], m["kv_format"], m["block_size"]) == (HEADS, "fp8_ds_mla", BS)
-        assert (m["softmax_scale"], m["kv_lora_rank"], m["rope_dim"]) == (0.0625, 512, 64)
-        assert list(m["seq_lens"]) == SEQ_LENS.tolist()
-        assert list(m["local_seq_lens"]) == sharding.local_seq_lens(SEQ_LENS, 4, 1, 1).tolist()
+        assert m["kv_dcp_source"] == "block_table" and m["dcp_comm_backend"] == "ag_rs"
+        assert (m["num_heads"], m["kv_format"], m["block_size"], m["lse_base"]) == (V.HEADS, "fp8_ds_mla", 64, "e")
+        assert m["softmax_scale"] == pytest.approx(layer.scale) and (m["kv_lora_rank"], m["rope_dim"]) == (512, 64)
+        assert m["seq_lens"] == V.SEQ_LENS.tolist() and m["local_seq_lens"] == local.tolist()
+        assert m["dcp_q_replicate"] is False
     offsets = {r.meta["point"]: r.meta.get("head_offset") for r in d.iter()}
-    assert offsets["q"] == offsets["partial_out"] == offsets["lse"] == 8  # the DCP group's first head
-    assert offsets["merged_out"] == offsets["attn_out"] == TP_RANK * LOCAL
+    assert offsets["q"] == offsets["partial_out"] == offsets["lse"] == 0  # the DCP group's first head
+    assert offsets["merged_out"] == offsets["attn_out"] == V.RANK * V.LOCAL
 
-    q_local = torch.einsum("tc,chd->thd", vllm_cpu.hidden, layer.W_q)  # [T, Hl, 576]
-    q = torch.cat([q_local * (r + 1) for r in range(DCP_SIZE)], dim=1)  # [T, 8, 576]
-    assert torch.equal(d.get("q"), q)
-    slots = sharding.filter_and_convert(TOPK_IDS, torch.arange(3), TABLE, BS, DCP_SIZE, GROUP_RANK, 1)
-    assert torch.equal(d.get("topk"), TOPK_IDS) and torch.equal(d.get("slots"), slots)
-    assert d.record("slots").meta["filter_dcp_size"] == 4 and d.record("slots").meta["filter_dcp_rank"] == 1
-    valid = (slots >= 0).sum(-1).float()  # [T]
-    out = q[..., :512] * valid[:, None, None]  # [T, 8, 512], vLLM zeroes rows with no local index
-    assert torch.equal(d.get("partial_out"), out)
-    lse = torch.where(valid[:, None] > 0, valid[:, None], float("-inf")).expand(3, 8)  # [T, 8]
-    assert torch.equal(d.get("lse"), lse)
-    merged = out[:, 2:4] * 3  # [T, Hl, 512]
-    assert torch.equal(d.get("merged_out"), merged)
-    attn_out = torch.einsum("thl,hlv->thv", merged, layer.W_UV).reshape(3, -1)  # [T, Hl*v]
-    assert torch.allclose(d.get("attn_out"), attn_out, rtol=1e-5, atol=1e-4)
-    assert torch.equal(d.get("o_proj_partial"), partial)
-    assert torch.equal(d.get("hidden"), partial * TP_SIZE)
-    assert torch.equal(d.get("block_table"), TABLE)
-    assert not plugin._WARNED  # no tap code failed along the way
-
-
-def test_generic_mla_path(vllm_cpu, plugin, tap_dir):
-    """Other MLA models: forward_impl is the layer's scope and vLLM's _v_up_proj gives attn_out."""
-    layer = make_layer(3, DCP_SIZE, cls=mla_attention.MLAAttention)
-    q = torch.randn(3, LOCAL, 576)  # [T, Hl, 576]
-    output = layer.forward_impl(q, None, None, vllm_cpu.cache, vllm_cpu.md, torch.empty(3, LOCAL * V))
-    tensortap.close()
-    d = tensortap.open(tap_dir)
-    assert list(d.records.point) == ["block_table", "kv_pages", "q", "topk", "slots", "partial_out", "lse",
-                                     "merged_out", "attn_out"]
-    assert torch.equal(d.get("attn_out"), output) and d.record("attn_out").meta["head_offset"] == TP_RANK * LOCAL
-    merged = d.get("merged_out")  # [T, Hl, 512]
-    assert torch.allclose(output, torch.einsum("thl,hlv->thv", merged, layer.W_UV).reshape(3, -1), atol=1e-4)
-    assert not plugin._WARNED
-    plugin.unregister()  # the impl class wrapped at build time is restored too
-    assert not hasattr(flashmla_sparse.FlashMLASparseImpl.forward_mqa, "__tensortap_original__")
-
-
-def test_kv_pages_are_the_batch_block_rows(vllm_cpu, monkeypatch, tap_dir):
-    layer = make_layer(3, DCP_SIZE)
-    tensortap.configure(f"{tap_dir};points=kv_pages,block_table")
-    decode(layer, vllm_cpu)
-    tensortap.close()
-    d = tensortap.open(tap_dir)
-    assert sorted(d.records["point"]) == ["block_table", "kv_pages"]
-    page_ids = TABLE[:, :4].reshape(-1)  # width min(4, ceil(200 / 64)) = 4
+    q = d.get("q")  # [T, 16, 576]: the group's heads after vLLM's query gather
+    assert q.shape == (3, V.HEADS, 576) and torch.equal(q[:, 4:8], q[:, 0:4] * 2)  # this rank at its place
+    slots = sharding.filter_and_convert(V.TOPK_IDS, torch.arange(3), V.TABLE, 64, V.DCP, V.RANK, 1)  # [T, K]
+    assert torch.equal(d.get("topk"), V.TOPK_IDS) and torch.equal(d.get("slots"), slots)
+    cache_obj = kvcache.KVCache.__new__(kvcache.KVCache)
+    cache_obj.data, cache_obj.block_size = cache, 64
+    out, lse = ref_attention.sparse_mla_decode(q, cache_obj, slots.long(), layer.impl.softmax_scale)
+    out, lse = ref_attention.neutralise_lonely_rows(out, lse, slots)  # vLLM's (0, -inf) for empty rows
+    assert torch.equal(d.get("partial_out"), out) and torch.equal(d.get("lse"), lse)
+    assert torch.equal(d.get("merged_out"), out[:, 4:8])
+    assert torch.equal(d.get("o_proj_partial"), partial) and torch.equal(d.get("hidden"), partial * V.TP)
+    assert d.record("hidden").meta["hidden_kind"] == "sum"
+    assert torch.equal(d.get("block_table"), V.TABLE)
+    pages_expected = pages.page_ids(V.TOPK_IDS, slots, V.TABLE, torch.arange(3), 64, V.NUM_BLOCKS, 4, 1, 1, None)
     rec = d.record("kv_pages")
-    assert list(rec.meta["page_ids"]) == page_ids.tolist()
-    assert torch.equal(rec.tensor(), vllm_cpu.cache[page_ids.long()])  # [12, 64, 656]
+    assert rec.meta["page_ids"] == pages_expected.tolist() and torch.equal(rec.tensor(), cache[pages_expected.long()])
+    assert not state.WARNED  # no tap code failed along the way
 
 
-def test_draft_with_dcp1_against_dcp4_group(vllm_cpu, plugin, tap_dir):
-    """The facts file's bug: the draft impl believes DCP 1 (no gather, no merge, no LSE) in a DCP4 group."""
-    target, draft = make_layer(3, DCP_SIZE), make_layer(NUM_LAYERS, 1, tag="eagle_head")
-    assert draft._tensortap.role == "draft" and draft._tensortap.mtp
-    for layer in (target, draft, draft, target, draft):
-        decode(layer, vllm_cpu)
+def test_draft_under_vllms_draft_parallel_config(tapped):
+    """vLLM 0.33.0's create_draft_parallel_config on a TP4/DCP4 target leaves DCP at 1: a draft layer built
+    under it believes DCP 1 in a DCP4 group and cache. The dump holds both beliefs as vLLM set them, and
+    check names the mismatch for the draft only."""
+    target_parallel = V.target_parallel()
+    draft_parallel = V.draft_parallel(target_parallel)
+    assert (draft_parallel.tensor_parallel_size, draft_parallel.decode_context_parallel_size) == (V.TP, 1)
+    run_decode(V.vllm_config(target_parallel), index=3)
+    draft, *_ = run_decode(V.vllm_config(draft_parallel), index=V.NUM_LAYERS, tag="draft_model")
+    assert draft.impl.dcp_world_size == 1 and draft.dcp_manager is None and draft._tensortap.role == "draft"
     tensortap.close()
-    rows = tensortap.open(tap_dir).records
-    drafts = rows[rows.role == "draft"]
-    assert sorted(set(zip(drafts.step, drafts.spec_pos))) == [(0, 0), (0, 1), (1, 0)]
-    assert sorted(set(rows[rows.role == "target"].step)) == [0, 1]
-    one = drafts[(drafts.step == 0) & (drafts.spec_pos == 0)]
-    assert list(one.point) == ["block_table", "kv_pages", "q", "topk", "slots", "partial_out", "merged_out", "attn_out",
-                               "o_proj_partial", "hidden"]  # no lse: the impl returns none
-    assert set(one.dcp_size) == {1} and set(one.group_dcp_size) == {4} and set(one.layer) == {NUM_LAYERS}
+    rows = tensortap.open(tapped).records
+    drafts, targets = rows[rows.role == "draft"], rows[rows.role == "target"]
+    assert set(drafts.dcp_size) == {1} and set(drafts.group_dcp_size) == {4} and set(drafts.kv_dcp_size) == {4}
+    assert set(targets.dcp_size) == {4} and "lse" not in set(drafts.point)  # DCP 1: vLLM returns no LSE
+    d = tensortap.open(tapped)
+    slots = sharding.filter_and_convert(V.TOPK_IDS, torch.arange(3), V.TABLE, 64, 1, 0, 1)  # replicated addressing
+    assert torch.equal(d.get("slots", role="draft"), slots)
+    report = tensortap.check(d)
+    mismatches = [f for f in report.findings if f.code == "config-mismatch"]
+    assert mismatches and {f.role for f in mismatches} == {"draft"}
+    assert not state.WARNED
+
+
+def test_mtp_draft_keeps_the_targets_dcp(tapped):
+    """EAGLE/MTP drafts in 0.33.0 run under the target's own VllmConfig (SpecDecodeBaseProposer.
+    _create_draft_vllm_config replaces only the attention, kernel and cache configs): the MTP layer believes
+    DCP 4 like its group, and check finds no config mismatch."""
+    layer, *_ = run_decode(V.vllm_config(V.target_parallel()), index=V.NUM_LAYERS)  # L >= num_hidden_layers
+    assert layer._tensortap.role == "draft" and layer._tensortap.mtp and layer.impl.dcp_world_size == V.DCP
+    tensortap.close()
+    d = tensortap.open(tapped)
+    assert set(d.records.role) == {"draft"} and set(d.records.dcp_size) == {4}
+    assert not [f for f in tensortap.check(d).findings if f.code == "config-mismatch"]
+
+
+def test_fused_all_reduce_records_post_norm_hidden(plugin_off, monkeypatch, tap_dir):
+    V.install_fakes(monkeypatch, fused=True)
+    monkeypatch.setenv("TAP", tap_dir)
+    plugin.register()
+    V.block_table()
+    _, _, _, partial, normed = run_decode(V.vllm_config(V.target_parallel()))
+    tensortap.close()
     d = tensortap.open(tap_dir)
-    q = d.get("q", role="draft", step=0, spec_pos=0)
-    assert q.shape == (3, LOCAL, 576) and d.record("q", role="draft", step=0, spec_pos=0).meta["head_offset"] == 10
-    slots = sharding.filter_and_convert(TOPK_IDS, torch.arange(3), TABLE, BS, 1, 0, 1)  # replicated addressing
-    assert torch.equal(d.get("slots", role="draft", step=1, spec_pos=0), slots)
-    assert not plugin._WARNED
+    assert d.record("hidden").meta["hidden_kind"] == "post_norm"
+    assert torch.equal(d.get("hidden"), normed) and torch.equal(d.get("o_proj_partial"), partial)
+    assert not state.WARNED
 
 
-def test_steps_count_forwards_over_layers(vllm_cpu, tap_dir):
-    first, second = make_layer(3, DCP_SIZE), make_layer(4, DCP_SIZE)
-    for layer in (first, second, first, second):
-        decode(layer, vllm_cpu)
-    tensortap.close()
-    rows = tensortap.open(tap_dir).records
-    assert sorted(set(zip(rows.step, rows.layer))) == [(0, 3), (0, 4), (1, 3), (1, 4)]
+def test_flashinfer_sparse_backend_is_base_2(tapped):
+    """FlashInfer's sparse MLA impl returns base-2 LSE (lse_base_on_e=False): its layers record lse_base=2."""
+    from tensortap.integrations.vllm import layers
+
+    assert flashinfer_mla_sparse.FlashInferMLASparseImpl.lse_base_on_e is False
+    layer = V.make_layer(V.vllm_config(V.target_parallel()), 3)
+    layer.impl.__class__ = type("OnFlashInfer", (flashinfer_mla_sparse.FlashInferMLASparseImpl,), {})
+    layer._tensortap_meta = None
+    assert layers._layer_meta(layer)["lse_base"] == "2"
 
 
-def test_filter_skips_unwanted_layers(vllm_cpu, tap_dir):
-    layer = make_layer(3, DCP_SIZE)
-    tensortap.configure(f"{tap_dir};layers=78")
-    decode(layer, vllm_cpu)
+def test_local_seq_lens_ride_on_the_builders_metadata():
+    """SparseMLACommonMetadataBuilder.build, wrapped: the model runner's dcp_local_seq_lens ride on its output."""
+    from types import SimpleNamespace
+
+    from tensortap.integrations.vllm import engine
+
+    local = torch.tensor([18, 2, 50], dtype=torch.int32)
+    built = V.make_metadata()
+    build = engine.wrap_metadata_build(lambda self, prefix, common, fast_build=False: built)
+    assert build(None, 0, SimpleNamespace(dcp_local_seq_lens=local)) is built
+    assert built._tensortap_local_seq_lens is local
+    again = V.make_metadata()
+    engine.wrap_metadata_build(lambda self, prefix, common: again)(None, 0, SimpleNamespace(dcp_local_seq_lens=None))
+    assert not hasattr(again, "_tensortap_local_seq_lens")
+
+
+def test_filter_rejects_other_layers_and_steps(tapped):
+    tensortap.configure(f"{tapped};layers=78")
+    run_decode(V.vllm_config(V.target_parallel()))
     assert tensortap.stats()["records"] == 0
+    tensortap.configure(f"{tapped};steps=1")
+    config = V.vllm_config(V.target_parallel())
+    layer = V.make_layer(config, 5)
+    md, cache = V.make_metadata(), V.make_cache()
+    for _ in range(2):
+        V.decode(layer, config, md, cache, torch.randn(3, V.HIDDEN))
+    tensortap.close()
+    assert set(tensortap.open(tapped).records.step) == {1}
 
 
-# -- (d) the tap never raises into the forward ------------------------------------------------------------
-def test_metadata_failure_does_not_reach_the_model(vllm_cpu, monkeypatch, plugin, tap_dir):
-    layer = make_layer(3, DCP_SIZE)
-    expected = decode(layer, vllm_cpu)
+# -- (c) kv_pages: the selection's pages under the cache's sharding, plus what the slots touched --------------------
+def test_page_ids_follow_the_cache_sharding():
+    table = torch.tensor([[3, 1], [2, 0]], dtype=torch.int32)  # [R, nb]
+    req = torch.tensor([0, 1])  # [T]
+    topk = torch.tensor([[0, 1, 5, 257], [-1, -1, -1, -1]], dtype=torch.int32)  # [T, K]
+    none = torch.full((2, 4), -1, dtype=torch.int32)  # [T, K]: no slot consumed
+    # DCP 4, I = 1: rank 1 owns 1, 5 (page 3 = table[0, 0]) and 257 (column 257 // 256 = 1: page 1).
+    assert pages.page_ids(topk, none, table, req, 64, 8, 4, 1, 1, None).tolist() == [1, 3]
+    assert pages.page_ids(topk, none, table, req, 64, 8, 4, 1, 2, None).tolist() == []  # rank 2 owns none
+    touched = torch.tensor([[130, -1, -1, -1], [-1, -1, -1, -1]], dtype=torch.int32)  # slot 130: page 2
+    assert pages.page_ids(topk, touched, table, req, 64, 8, 4, 1, 2, None).tolist() == [2]
+    assert pages.page_ids(none, none, table, req, 64, 8, 4, 1, 0, None).numel() == 0  # all -1
+    one = pages.page_ids(topk[:1, :1], none[:1, :1], table, req, 64, 8, 1, 1, 0, 32)  # T=1, DCP 1
+    assert one.tolist() == [3]
+
+
+# -- (d) the tap never raises into the forward -----------------------------------------------------------------------
+def test_metadata_failure_does_not_reach_the_model(tapped, monkeypatch):
+    config = V.vllm_config(V.target_parallel())
+    layer = V.make_layer(config, 3)
+    md, cache, hidden = V.make_metadata(), V.make_cache(), torch.randn(3, V.HIDDEN)
+    expected, _ = V.decode(layer, config, md, cache, hidden)
+    from vllm.distributed import parallel_state
+
     monkeypatch.setattr(parallel_state, "get_dcp_world_size_and_rank", lambda enabled=True: 1 / 0)
     layer._tensortap_meta = None  # forces the lookup again
-    assert torch.equal(decode(layer, vllm_cpu), expected)
-    assert plugin._WARNED == {"_open"}
+    got, _ = V.decode(layer, config, md, cache, hidden)
+    assert torch.equal(got, expected) and state.WARNED == {"_open"}
 
 
-def test_broken_batch_metadata_keeps_the_forward(vllm_cpu, plugin, tap_dir):
-    layer = make_layer(3, DCP_SIZE)
-    expected = decode(layer, vllm_cpu)
-    vllm_cpu.md.block_table = TABLE.clone()
-    vllm_cpu.md.num_reqs = "three"  # slicing the block table now fails inside the tap
-    vllm_cpu.md.seq_lens = object()
-    assert torch.equal(decode(layer, vllm_cpu), expected)
+def test_broken_batch_metadata_keeps_the_forward(tapped):
+    config = V.vllm_config(V.target_parallel())
+    layer = V.make_layer(config, 3)
+    md, cache, hidden = V.make_metadata(), V.make_cache(), torch.randn(3, V.HIDDEN)
+    expected, _ = V.decode(layer, config, md, cache, hidden)
+    md.num_reqs = "three"  # slicing the block table now fails inside the tap (vLLM's decode never reads it)
+    got, _ = V.decode(layer, config, md, cache, hidden)
+    assert torch.equal(got, expected)
     tensortap.close()
-    points = list(tensortap.open(tap_dir).records.point)
+    points = list(tensortap.open(tapped).records.point)
     assert points.count("partial_out") == 2 and points.count("block_table") == 1
-    assert plugin._WARNED == {"_tap_mqa_inputs"}
-
-
-def test_combine_outside_a_tapped_forward_only_combines(vllm_cpu):
-    combine = dcp.MLADCPManager._init_combine(None)
-    out = torch.randn(2, 8, 512)
-    assert torch.equal(combine(out, torch.zeros(2, 8)), out[:, 2:4] * 3)
-    assert tensortap.stats()["records"] == 0
+    assert state.WARNED == {"_tap_mqa_inputs"}

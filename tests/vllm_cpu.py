@@ -90,11 +90,16 @@ def hf_config(num_hidden_layers: int = NUM_LAYERS) -> DeepseekV3Config:
     return config
 
 
-def vllm_config(parallel: ParallelConfig) -> VllmConfig:
-    """A real VllmConfig around `parallel`; ModelConfig is the stub the module docstring describes."""
+def vllm_config(parallel: ParallelConfig, stub: bool = True) -> VllmConfig:
+    """A real VllmConfig around `parallel`; ModelConfig is the stub the module docstring describes
+    (`stub=False`: none yet, for vLLM code that revalidates the config; then `with_model(config)`)."""
     config = VllmConfig(parallel_config=parallel, cache_config=CacheConfig(block_size=BS, cache_dtype="fp8_ds_mla"),
                         device_config=DeviceConfig(device="cpu"),
                         attention_config=AttentionConfig(sparse_mla_prefill_workspace_factor=2))
+    return with_model(config) if stub else config
+
+
+def with_model(config: VllmConfig) -> VllmConfig:
     hf = hf_config()
     object.__setattr__(config, "model_config", SimpleNamespace(max_model_len=1024, hf_text_config=hf, hf_config=hf,
                                                                dtype=torch.float32))

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import os
 
-from tensortap.integrations.vllm import state
-
 _MLA = "vllm.model_executor.layers.attention.mla_attention"
 _SPARSE = "vllm.model_executor.layers.attention.sparse_mla_attention"
 _FLASHMLA = "vllm.v1.attention.backends.mla.flashmla_sparse"
@@ -77,7 +75,7 @@ def unregister() -> None:
     """Restore every patched attribute, drop the import hook, reset the counters (tests, or to leave vLLM
     untouched)."""
     global _REGISTERED, _HOOK
-    from tensortap.integrations.vllm import layers, patching
+    from tensortap.integrations.vllm import layers, patching, state
 
     patching.uninstall(_HOOK)
     _HOOK = None
