@@ -203,7 +203,11 @@ def topk_out_of_shard(fw: Forward) -> list[Finding]:
         found = _selection(fw, rank)
         table = fw.array("block_table", rank)
         if found is None or table is None or table.ndim != 2 or table.shape[1] == 0:
-            fw.skip("topk-out-of-shard", "needs topk, slots and block_table tensors of every rank")
+            if all(fw.record(p, rank) is not None for p in ("topk", "slots", "block_table")) and \
+                    not all(fw.stored(p, rank) for p in ("topk", "slots", "block_table")):
+                fw.needs_tensors("topk-out-of-shard", "topk/slots/block_table", rank)
+            else:
+                fw.skip("topk-out-of-shard", "topk, slots and block_table not all captured (or not [T, K] / [R, nb])")
             continue
         topk, slots, meta = found
         requests = layout.rows_to_requests(meta, topk.shape[0])
@@ -352,7 +356,7 @@ def rank_outlier(fw: Forward) -> list[Finding]:
         total = sum(norms.values())
         shares = {r: (n / total if total else 0.0) for r, n in norms.items()}
         median = float(np.median(list(norms.values())))
-        zero = [r for r, n in norms.items() if n == 0.0]
+        zero = [r for r, n in norms.items() if n == 0.0] if total else []  # all zero: nothing attended anywhere
         far = [r for r, n in norms.items() if n and median and (n > 10 * median or n < median / 10)]
         evidence = {"share": {str(r): round(s, 4) for r, s in shares.items()}, measure: {str(r): n for r, n in norms.items()},
                     "measure": measure}

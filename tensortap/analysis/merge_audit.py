@@ -64,7 +64,7 @@ def merge_mismatch(fw: Forward) -> list[Finding]:
                 or lses[0].shape != partials[0].shape[:2]:
             fw.skip(code, "partial_out/lse shapes differ across the DCP group", gap=True)
             continue
-        lses = [natural_lse(x, fw.meta(r)) for x, r in zip(lses, group)]
+        lses = [natural_lse(x, fw.record("lse", r).meta) for x, r in zip(lses, group)]
         merged = merge(np.stack(partials), np.stack(lses))  # [T, Hg, D]
         group_offset = int(fw.record("partial_out", group[0]).meta.get("head_offset") or 0)
         for rank in group:

@@ -45,6 +45,9 @@ PRESETS = {
     # Small enough for float64 oracles in tests; fp8_ds_mla still fixes 512 + 64.
     "tiny": MLAConfig(name="tiny", num_heads=8, hidden_size=64, qk_nope_dim=32, v_head_dim=32,
                       index_topk=24, index_heads=2, index_dim=16, block_size=4),
+    # The tiny sizes with vLLM's usual block size of 64: room for interleaves up to 64.
+    "tiny-bs64": MLAConfig(name="tiny-bs64", num_heads=8, hidden_size=64, qk_nope_dim=32, v_head_dim=32,
+                           index_topk=24, index_heads=2, index_dim=16, block_size=64),
     # GLM-5.x (glm_moe_dsa) attention: 64 heads, kv_lora 512, qk_nope 192, rope 64, v 256, top-k 2048.
     "glm5": MLAConfig(name="glm5", num_heads=64, hidden_size=6144, qk_nope_dim=192, v_head_dim=256,
                       index_topk=2048, index_heads=32, index_dim=128, block_size=64),
