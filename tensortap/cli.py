@@ -185,6 +185,7 @@ def check_command(
     dumps: List[Path] = typer.Argument(..., help="Dump directories or segment files (one run)."),
     as_json: bool = typer.Option(False, "--json", help="Every finding and verdict as JSON on stdout."),
     oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Recompute attention in float64 from the dump."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a forward is unverified for a reason a bug could cause."),
 ):
     """Find pre-all-reduce rank divergence and name the laundered-consensus bug.
 
@@ -196,10 +197,10 @@ def check_command(
     d = _open(dumps)
     report = check(d, use_oracle=oracle, progress=_progress("checking"))
     if as_json:
-        _print_json(report.to_json())
+        _print_json(dict(report.to_json(), strict=strict, exit_code=report.exit(strict)))
     else:
         render(report, out)
-    raise typer.Exit(report.exit_code)
+    raise typer.Exit(report.exit(strict))
 
 
 # -- diff --------------------------------------------------------------------------------------------
