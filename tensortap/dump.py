@@ -21,7 +21,7 @@ import numpy as np
 from tensortap import runs as run_ids
 from tensortap.config import filter_from
 from tensortap.errors import FormatError, SelectionError
-from tensortap.format import codecs, schema
+from tensortap.format import codecs, live, schema
 from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_segment
 from tensortap.text import human_bytes, span
 from tensortap.vocab import DEFAULT_PHASES, PHASES
@@ -106,6 +106,10 @@ class _ReaderPool:
 
     def get(self, path: str) -> SegmentReader:
         reader = self._open.get(path)
+        if reader is not None and reader.path != live.current_name(reader.path):
+            reader.close()  # committed since it was opened: read the final file, not a view of it mid-write
+            del self._open[path]
+            reader = None
         if reader is None:
             try:
                 reader = SegmentReader(path, listing=False)  # a renamed .tmp is re-found by its final name

@@ -297,6 +297,8 @@ def read_segment(path: str, wait_s: float = LIVE_WAIT_S) -> tuple[SegmentInfo, l
             if live.current_name(opened) != opened:
                 continue  # committed meanwhile
             writer = live.writer_alive(opened)
+            if writer is None and live.current_name(opened) != opened:
+                continue
             if writer is not None and time.monotonic() < deadline:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
@@ -315,6 +317,8 @@ def read_segment(path: str, wait_s: float = LIVE_WAIT_S) -> tuple[SegmentInfo, l
         if live.current_name(info.path) != info.path:
             continue  # committed while we scanned it: read the final file
         writer = live.writer_alive(info.path, info.root)
+        if writer is None and live.current_name(info.path) != info.path:
+            continue  # its writer finished the commit while we asked
         if writer is not None:
             info.live = True
             info.truncation = f"still being written by {writer}; {info.records} record(s) readable so far"

@@ -72,10 +72,15 @@ def open_file(path: str) -> h5py.File:
     Raises FileNotFoundError when `path` is gone (a writer renamed it): the caller re-finds it."""
     fd = open_regular(path)
     try:
-        by_fd = f"/proc/self/fd/{fd}"
-        name = by_fd if os.path.exists(by_fd) else path  # the very file checked above
         try:
-            f = h5py.File(name, "r", locking=False)
+            if path.endswith(schema.TMP_SUFFIX):
+                # HDF5 shares one open file per inode within a process: a `.tmp` opened while its writer
+                # was still at it would hand its stale metadata to a later open of the committed file.
+                # Read through a file object instead (its own HDF5 file, never shared).
+                f = h5py.File(os.fdopen(os.dup(fd), "rb"), "r")
+            else:
+                by_fd = f"/proc/self/fd/{fd}"
+                f = h5py.File(by_fd if os.path.exists(by_fd) else path, "r", locking=False)  # the file checked above
         except (OSError, ValueError) as exc:
             f = _open_short_tmp(path, fd, exc)
             if f is None:
