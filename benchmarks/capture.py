@@ -1,16 +1,23 @@
 """Capture cost, as ratios against baselines measured in the same run (DESIGN section 8).
 
-    python benchmarks/capture.py [--steps 200] [--repeats 3] [--dir /tmp/bench]
+    python benchmarks/capture.py [--steps 200] [--repeats 3] [--small 4000] [--dir /tmp/bench]
+                                 [--writers process,thread]
 
 1. Disabled `point()`: ns per call, and the ratio to an empty function called with the
    same arguments (target <= 1.5x), plus the allocated-block count across 1e5 calls (target 0).
 2. Capture throughput on realistic decode records (q bf16 [4,64,576], topk int32 [4,2048],
-   partial_out fp32 [4,64,512], lse fp32 [4,64], kv_pages uint8 [32,64,656]):
-   end-to-end (point() calls until flush() returns) against writing the same bytes with
+   partial_out fp32 [4,64,512], lse fp32 [4,64], kv_pages uint8 [32,64,656]), one scope per
+   step: end-to-end (point() calls until flush() returns) against writing the same bytes with
    numpy.tofile (target >= 0.70x) and against a synchronous per-tensor torch.save dumper
    (target >= 3x), for both writers (writer=process, the default; writer=thread). Also the
-   time the caller spends inside point(), which is what a serving process pays on its
-   critical path.
+   time the caller spends inside point() (what a serving process pays on its critical path),
+   the CPU the server's writer thread spends per record (it competes with the model for the
+   GIL), and with writer=process the writer process's CPU per record.
+3. Small records: `--small` records of 256 B (lse fp32 [1, 64]) in scopes of 5, records per
+   second until flush() returns, with the same CPU figures.
+
+CPU times are read from /proc (schedstat) just before close(): they do not depend on how busy
+the other cores are, where the wall-clock ratios do (run it on a quiet machine).
 """
 
 from __future__ import annotations
@@ -83,10 +90,39 @@ def run_torch_save(directory: str, recs, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def run_tap(directory: str, recs, steps: int, writer: str = "process") -> tuple[float, float]:
+def _cpu_ns(path: str) -> int:
+    """CPU time so far of a thread or process, from its /proc schedstat (0 where there is none)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _writer_cpu() -> tuple[int, int]:
+    """(CPU ns of this process's tensortap writer thread, CPU ns of its writer process, if any)."""
+    import threading
+
+    from tensortap.capture import runtime
+
+    thread = next((t for t in threading.enumerate() if t.name == "tensortap-writer"), None)
+    own = _cpu_ns(f"/proc/self/task/{thread.native_id}/schedstat") if thread is not None else 0
+    tap = runtime._tap
+    sink = tap.writer.sink if tap is not None and tap.writer is not None else None
+    process = getattr(sink, "process", None)
+    child = _cpu_ns(f"/proc/{process.pid}/schedstat") if process is not None else 0
+    return own, child
+
+
+def run_tap(directory: str, recs, steps: int, writer: str = "process") -> dict:
+    """One capture of `steps` scopes of `recs`: wall seconds, caller seconds, writer CPU seconds."""
     import tensortap
 
     tensortap.configure(dir=os.path.join(directory, "tap"), writer=writer)
+    with tensortap.scope(step=-1, layer=78, role="draft"):  # start the writer before the clock
+        tensortap.point("layers.78.attn.lse", torch.zeros(1))
+    tensortap.flush()
+    own0, child0 = _writer_cpu()
     inside = 0.0
     start = time.perf_counter()
     for step in range(steps):
@@ -97,21 +133,26 @@ def run_tap(directory: str, recs, steps: int, writer: str = "process") -> tuple[
                 inside += time.perf_counter() - t0
     tensortap.flush()
     total = time.perf_counter() - start
+    own1, child1 = _writer_cpu()
     counters = tensortap.stats()
     tensortap.close()
+    expected = steps * len(recs) + 1
     written = len(tensortap.open(os.path.join(directory, "tap")))
-    if written != steps * len(recs) or counters["lost"] or counters["dropped"]:
-        raise SystemExit(f"capture lost records ({written} of {steps * len(recs)} written; {counters}): "
+    if written != expected or counters["lost"] or counters["dropped"]:
+        raise SystemExit(f"capture lost records ({written} of {expected} written; {counters}): "
                          "the timing would be meaningless")
-    return total, inside
+    return {"seconds": total, "caller": inside, "thread_cpu": (own1 - own0) / 1e9, "child_cpu": (child1 - child0) / 1e9}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small", type=int, default=4000, help="256-byte records for the small-record run")
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--writers", default="process,thread")
     args = parser.parse_args()
+    writers = [w.strip() for w in args.writers.split(",") if w.strip()]
 
     d = disabled_cost()
     print(f"disabled point(): {d['tap_ns']:.1f} ns, empty function: {d['empty_ns']:.1f} ns, "
@@ -120,38 +161,58 @@ def main() -> None:
     recs = records()
     per_step = sum(t.numel() * t.element_size() for _, t in recs)
     total_bytes = per_step * args.steps
-    results: dict[str, list[float]] = {"tofile": [], "torch.save": [], "tensortap": [], "tensortap (thread)": []}
-    inside: dict[str, list[float]] = {"tensortap": [], "tensortap (thread)": []}
+    labels = ["tofile", "torch.save"] + [f"tensortap ({w})" for w in writers]
+    seconds: dict[str, list[float]] = {k: [] for k in labels}
+    tap: dict[str, list[dict]] = {f"tensortap ({w})": [] for w in writers}
     for repeat in range(args.repeats + 1):  # the first round warms the page cache and is not counted
-        for label in results:
+        for label in labels:
             directory = tempfile.mkdtemp(dir=args.dir)
             try:
                 if label == "tofile":
-                    seconds = run_tofile(directory, recs, args.steps)
+                    took = run_tofile(directory, recs, args.steps)
                 elif label == "torch.save":
-                    seconds = run_torch_save(directory, recs, args.steps)
+                    took = run_torch_save(directory, recs, args.steps)
                 else:
-                    writer = "thread" if "thread" in label else "process"
-                    seconds, caller = run_tap(directory, recs, args.steps, writer)
+                    result = run_tap(directory, recs, args.steps, label.split("(")[1].rstrip(")"))
+                    took = result["seconds"]
                     if repeat:
-                        inside[label].append(caller)
+                        tap[label].append(result)
                 if repeat:
-                    results[label].append(seconds)
+                    seconds[label].append(took)
             finally:
                 shutil.rmtree(directory)
-    median = {k: statistics.median(v) for k, v in results.items()}
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    n_records = 5 * args.steps
     print(f"\ncapture of {args.steps} steps x 5 records ({per_step / 2**20:.2f} MiB per step, "
           f"{total_bytes / 2**30:.2f} GiB), median of {args.repeats}:")
-    print(f"{'writer':<20} {'seconds':>8} {'MB/s':>8}")
-    for label, seconds in median.items():
-        print(f"{label:<20} {seconds:8.3f} {total_bytes / seconds / 1e6:8.0f}")
-    print()
-    for label in ("tensortap", "tensortap (thread)"):
-        caller = statistics.median(inside[label])
-        print(f"{label:<19} throughput: {median['tofile'] / median[label]:.2f}x tofile (target >= 0.70x), "
-              f"{median['torch.save'] / median[label]:.2f}x torch.save (target >= 3x); caller pays "
-              f"{caller / (5 * args.steps) * 1e6:.1f} us per record, {median['torch.save'] / caller:.1f}x less "
-              f"than the synchronous torch.save dumper blocks its caller")
+    print(f"{'writer':<22} {'seconds':>8} {'GB/s':>6} {'x tofile':>9} {'x torch.save':>13} {'caller us/rec':>14} "
+          f"{'thread CPU us/rec':>18} {'process CPU us/rec':>19}")
+    for label in labels:
+        line = f"{label:<22} {median[label]:8.3f} {total_bytes / median[label] / 1e9:6.2f}"
+        if label in tap:
+            pick = lambda key: statistics.median(r[key] for r in tap[label]) / n_records * 1e6  # noqa: E731
+            line += (f" {median['tofile'] / median[label]:9.2f} {median['torch.save'] / median[label]:13.2f} "
+                     f"{pick('caller'):14.1f} {pick('thread_cpu'):18.1f} {pick('child_cpu'):19.1f}")
+        print(line)
+    print("targets: >= 0.70x tofile and >= 3x torch.save, for each writer")
+
+    if args.small:
+        small = [("lse", torch.randn(1, 64))] * 5  # 256 B each, five per scope
+        steps = max(1, args.small // 5)
+        print(f"\nsmall records: {steps * 5} records of 256 B in scopes of 5, median of {args.repeats}:")
+        print(f"{'writer':<22} {'records/s':>10} {'caller us/rec':>14} {'thread CPU us/rec':>18} "
+              f"{'process CPU us/rec':>19}")
+        for writer in writers:
+            runs = []
+            for repeat in range(args.repeats):
+                directory = tempfile.mkdtemp(dir=args.dir)
+                try:
+                    runs.append(run_tap(directory, small, steps, writer))
+                finally:
+                    shutil.rmtree(directory)
+            pick = lambda key: statistics.median(r[key] for r in runs) / (steps * 5)  # noqa: E731
+            print(f"{'tensortap (' + writer + ')':<22} {1 / pick('seconds'):10.0f} {pick('caller') * 1e6:14.1f} "
+                  f"{pick('thread_cpu') * 1e6:18.1f} {pick('child_cpu') * 1e6:19.1f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ MODES = ("full", "stats")
 ON_FULL = ("block", "drop")
 COMPRESSIONS = ("none", "lzf", "gzip")
 WRITERS = ("process", "thread")
+SWITCH = ("on", "off")
 # Flight-recorder triggers (docs/flight-recorder.md), evaluated on each record's device stats.
 TRIGGERS = ("zero-heads", "nonfinite", "empty-topk", "lse-nonfinite")
 
@@ -47,6 +48,7 @@ class TapConfig:
     ring_bytes: int = 1 << 30
     trigger_steps: int = 8  # steps captured in full after a trigger
     graph_bytes: int = 2 << 30  # device memory for CUDA-graph slots
+    checksum: bool = False  # a crc32 attribute per stored tensor, verified on read (docs/crash-safety.md)
 
     def to_json_dict(self) -> dict:
         f = self.filter
@@ -70,6 +72,7 @@ class TapConfig:
             "ring_bytes": self.ring_bytes,
             "trigger_steps": self.trigger_steps,
             "graph_bytes": self.graph_bytes,
+            "checksum": "on" if self.checksum else "off",
         }
 
 
@@ -93,6 +96,7 @@ VALID_KEYS = (
     "ring_bytes",
     "trigger_steps",
     "graph_bytes",
+    "checksum",
 )
 
 
@@ -154,6 +158,10 @@ def from_mapping(keys: Mapping[str, object]) -> TapConfig:
         changes["compress"] = _choice("compress", keys["compress"], COMPRESSIONS)
     if keys.get("writer") is not None:
         changes["writer"] = _choice("writer", keys["writer"], WRITERS)
+    if keys.get("checksum") is not None:
+        value = keys["checksum"]
+        text = ("on" if value else "off") if isinstance(value, bool) else str(value).strip().lower()
+        changes["checksum"] = _choice("checksum", text, SWITCH) == "on"
     for key in ("max_bytes", "segment_bytes", "queue_bytes"):
         if keys.get(key) is not None:
             changes[key] = parse_size(key, keys[key])

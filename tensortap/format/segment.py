@@ -8,8 +8,8 @@ commit marker), is closed, fsync'd and renamed to its final name without replaci
 The loss totals (records_total, ..., graph_skipped_total) are root attributes kept current at
 every commit, so a crashed segment carries them as of its last flush point.
 
-Per record: one group, one dataset (contiguous, written by h5py with the GIL released), the `meta`
-attribute, and where needed `dtype`, `crc32` and `_stats`; h5py's low-level API throughout, with
+Per record: one group, one dataset (contiguous, written by h5py with the GIL released; compact, in
+its object header, up to 16 KiB), the `meta` attribute, and where needed `dtype`, `crc32` and `_stats`; h5py's low-level API throughout, with
 type and dataspace ids cached. The metadata cache is kept small: HDF5's flush walks every cached
 entry, so a large cache makes each commit cost more as the segment grows (measured here).
 """
@@ -36,6 +36,7 @@ from tensortap.format.codecs import RAW_BITS, STORED
 LIBVER = ("v108", "v108")
 METADATA_CACHE_BYTES = 256 << 10
 CRC_ATTR = "crc32"
+COMPACT_BYTES = 16 << 10  # tensors up to this size are stored in their object header (no separate block)
 _SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 
 
@@ -121,6 +122,9 @@ class SegmentWriter:
         self._dcpl = h5p.create(h5p.DATASET_CREATE)
         self._dcpl.set_obj_track_times(False)
         self._dcpl.set_fill_time(h5d.FILL_TIME_NEVER)  # every byte is written right after
+        self._compact = h5p.create(h5p.DATASET_CREATE)  # small tensors: inside their object header
+        self._compact.set_obj_track_times(False)
+        self._compact.set_layout(h5d.COMPACT)
         self.paths: list[str] = []  # closed segments
 
     # -- records ---------------------------------------------------------------------------
@@ -162,10 +166,11 @@ class SegmentWriter:
     def _write_tensor(self, group, point: str, array: np.ndarray):
         if self._dataset_options:
             return h5py.Group(group).create_dataset(point, data=array, **self._dataset_options).id
-        return self._dataset(group, point, array)
+        return self._dataset(group, point, array, compact=0 < array.nbytes <= COMPACT_BYTES)
 
-    def _dataset(self, location, name: str, data: np.ndarray):
-        dataset = h5d.create(location, name.encode(), self._type(data.dtype), self._space(data.shape), self._dcpl)
+    def _dataset(self, location, name: str, data: np.ndarray, compact: bool = False):
+        plist = self._compact if compact else self._dcpl
+        dataset = h5d.create(location, name.encode(), self._type(data.dtype), self._space(data.shape), plist)
         if data.size:
             dataset.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data) if data.ndim else data)
         return dataset

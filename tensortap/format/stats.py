@@ -26,7 +26,7 @@ import numpy as np
 
 from tensortap import vocab
 from tensortap.format import schema
-from tensortap.format.codecs import FLOAT_NAMES, STORED, to_float
+from tensortap.format.codecs import FLOAT_NAMES, FP8_VALUES, STORED, to_float
 
 HASH_MODULUS = 65521
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -98,9 +98,11 @@ def _float_stats(array, dtype, point, keep_arrays, scalars):
 
 def _decode(code: int, dtype: str) -> float:
     """The float value of a non-negative magnitude code of `dtype`."""
-    if dtype in ("float16", "float32", "float64"):
-        return float(np.array([code], dtype=_BITS[dtype][0]).view(STORED[dtype][0])[0])
-    return float(to_float(np.array([code], dtype=STORED[dtype][0]), dtype, np.float32)[0])  # bf16, fp8
+    if dtype == "bfloat16":  # the top half of a float32
+        return float(np.array([code << 16], dtype=np.uint32).view(np.float32)[0])
+    if dtype in FP8_VALUES:
+        return float(FP8_VALUES[dtype][code])
+    return float(np.array([code], dtype=_BITS[dtype][0]).view(STORED[dtype][0])[0])
 
 
 def consensus_hash(array: np.ndarray) -> int:
