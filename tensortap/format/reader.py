@@ -10,6 +10,7 @@ a one-line problem naming the file, the record and the key, and the rest is read
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 from tensortap.errors import FormatError
 from tensortap.format import live, schema, validate
 from tensortap.format.codecs import STORED
+from tensortap.text import human_bytes
 
 # How long a reader waits for a live writer's segment that cannot be read yet (mid-commit).
 LIVE_WAIT_S = 3.0
@@ -115,9 +117,33 @@ class SegmentReader:
         records = self._records_group()
         if schema.INDEX_DATASET + "_meta" in self.file:
             metas = self._from_index()
+            self._check_declared(metas)
             return metas, SegmentInfo(self.path, True, len(metas), self.root, problems=self.problems)
         metas, truncation = self._scan(records)
+        self._check_declared(metas)
         return metas, SegmentInfo(self.path, False, len(metas), self.root, truncation, problems=self.problems)
+
+    def _check_declared(self, metas: list[dict]) -> None:
+        """What the records declare must fit in the file: uncompressed, every stored byte is in it;
+        compressed (or unknown), a record inflates to at most validate.MAX_INFLATED_BYTES and the file
+        to at most MAX_INFLATE_RATIO times its size. A file that lies about this is refused whole, before
+        a reader allocates what it claims (a 40 KB file declaring uint8 [2^36])."""
+        size = self.size
+        config = self.root.get("config") if isinstance(self.root.get("config"), dict) else {}
+        plain = config.get("compress") == "none"
+        record_limit = size if plain else min(validate.MAX_INFLATED_BYTES, validate.MAX_INFLATE_RATIO * size)
+        total_limit = size if plain else validate.MAX_INFLATE_RATIO * size
+        total = 0
+        for meta in metas:
+            if not meta.get("stored", True):
+                continue
+            nbytes = math.prod(meta["shape"]) * STORED[meta["dtype"]][0].itemsize
+            total += nbytes
+            if nbytes > record_limit or total > total_limit:
+                how = "" if plain else f" (compressed records inflate to at most {human_bytes(record_limit)})"
+                raise FormatError(self.path, f"record {meta['seq']} ({meta['name']}) declares {human_bytes(nbytes)} "
+                                             f"in a {human_bytes(size)} file{how}; refusing the file",
+                                  validate.NOT_A_DUMP_FIX)
 
     def _check(self, meta: dict, what: str) -> dict | None:
         """The record's metadata if valid; else its problem is kept and None returned."""
@@ -129,11 +155,12 @@ class SegmentReader:
 
     def _from_index(self) -> list[dict]:
         index_meta = self._member(self.file, schema.INDEX_DATASET + "_meta", h5py.Dataset)
+        size = self.size
+        if index_meta is not None:
+            validate.check_storage(self.path, index_meta, size, exact=index_meta.dtype.kind != "O")
         if index_meta is None or index_meta.ndim != 1 or h5py.check_string_dtype(index_meta.dtype) is None:
             raise FormatError(self.path, "index table is malformed (not a list of JSON strings)",
                               validate.NOT_A_DUMP_FIX)
-        size = self.size
-        validate.check_storage(self.path, index_meta, size, exact=index_meta.dtype.kind != "O")
         declared = self.root.get("records", len(index_meta))
         if len(index_meta) > declared or len(index_meta) > 10_000_000 or len(index_meta) * 16 > size:
             raise FormatError(self.path, "index table is longer than the segment's record count")
