@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 
@@ -42,7 +43,8 @@ def forge(path: str, records: list[tuple[dict, object]], root: dict | None = Non
         attrs = {"host": "forge", "pid": 1, "start_time_ns": 1_000, "rank": 0, "run_id": "f0f0f0"}
         attrs.update(root or {})
         for key, value in attrs.items():
-            f.attrs[key] = value
+            if value is not None:  # None: leave the attribute out
+                f.attrs[key] = value
         group = f.create_group("records")
         texts = []
         for meta, data in records:
@@ -265,13 +267,33 @@ def test_markup_in_a_valid_dump_path_prints_as_text(tmp_path, cli):
     assert path in out, out  # the name as it is: neither styled nor a MarkupError
 
 
-def test_deep_directories_are_refused_in_one_line(tmp_path, cli):
-    deep = str(tmp_path)
-    for _ in range(1100):  # os.makedirs itself recurses
-        deep = os.path.join(deep, "d")
-        os.mkdir(deep)
-    code, out, err = cli(["ls", str(tmp_path)])
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "nested more than" in err
+def remove_deep(top: str) -> None:
+    """rm -r without recursion (shutil.rmtree, and so pytest's own cleanup, recurse once per level)."""
+    stack = [(top, False)]
+    while stack:
+        path, visited = stack.pop()
+        if visited:
+            os.rmdir(path)
+            continue
+        stack.append((path, True))
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, False))
+            else:
+                os.unlink(entry.path)
+
+
+def test_deep_directories_are_refused_in_one_line(cli):
+    top = tempfile.mkdtemp(prefix="tensortap-deep-")  # not under tmp_path: pytest could not delete it
+    try:
+        deep = top
+        for _ in range(1100):  # os.makedirs itself recurses
+            deep = os.path.join(deep, "d")
+            os.mkdir(deep)
+        code, out, err = cli(["ls", top])
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "nested more than" in err, err
+    finally:
+        remove_deep(top)
 
 
 def test_crc32_mismatch_names_the_record(tmp_path):
