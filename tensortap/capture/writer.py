@@ -38,7 +38,7 @@ from tensortap.text import as_json, one_line
 log = logging.getLogger("tensortap")
 
 MERGE_BYTES = 64 << 20  # batches queued behind each other are merged into one commit up to this size
-MERGE_JOBS = 4096
+MERGE_JOBS = 64  # and records: a commit's dirty metadata stays well inside the metadata cache
 
 
 @dataclass

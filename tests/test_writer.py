@@ -1,0 +1,344 @@
+"""The writer side: stats definitions, batch commits, run identity, loss totals, checksums, the
+writer process's fallback, and what survives a SIGKILL."""
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import tensortap
+from tensortap.capture import device_stats, runtime
+from tensortap.capture.writer import ChildSink
+from tensortap.format import schema, stats
+from tensortap.format.codecs import encode
+from tensortap.format.segment import rename_no_replace
+
+from conftest import segment_files
+
+
+def _roots(directory):
+    out = []
+    for name in segment_files(directory):
+        with h5py.File(os.path.join(directory, name), "r", locking=False) as f:
+            out.append((name, {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()},
+                        len(f[schema.RECORDS_GROUP])))
+    return out
+
+
+# -- stats --------------------------------------------------------------------------------------------------
+def _hash_by_definition(array: np.ndarray) -> int:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    bits = flat.view({1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[flat.itemsize])
+    total = sum(int(b) * ((i % 65521) + 1) for i, b in enumerate(bits.tolist())) % (1 << 64)
+    return total - (1 << 64) if total >= 1 << 63 else total
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 65521, 65522, 140_000])
+def test_consensus_hash_is_its_definition(n):
+    rng = np.random.default_rng(n)
+    for array in (rng.integers(-(1 << 62), 1 << 62, n, dtype=np.int64),  # wraps around 2^64
+                  rng.standard_normal(n).astype(np.float32), rng.integers(0, 256, n, dtype=np.uint8)):
+        assert stats.consensus_hash(array) == _hash_by_definition(array)
+    same = rng.standard_normal((3, n)).astype(np.float32)
+    assert stats.consensus_hash(same) == stats.consensus_hash(same.copy()), "equal bytes, equal hash"
+    if n:
+        other = same.copy()
+        other.reshape(-1)[n // 2] = np.nextafter(other.reshape(-1)[n // 2], np.float32(np.inf))
+        assert stats.consensus_hash(other) != stats.consensus_hash(same)
+
+
+def _tensors():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn):
+        x = (torch.randn(3, 4, 8) * 3).to(dtype)
+        yield x
+        y = x.float()
+        y[:, 1] = 0.0  # a zero head
+        y[0, 2, 0] = float("nan")
+        if dtype != torch.float8_e4m3fn:
+            y[1, 3, 1], y[2, 3, 2] = float("inf"), float("-inf")
+        yield y.to(dtype)
+        yield torch.full((1, 2, 4), float("nan")).to(dtype)  # T=1, nothing finite
+        yield torch.zeros(0, 4, 8, dtype=dtype)
+        yield (torch.randn(1, 16) * 5).to(dtype)
+    yield torch.full((2, 6), -1, dtype=torch.int32)  # every row empty
+    yield torch.tensor([[3, -1, 7], [-1, -1, -1]], dtype=torch.int32)
+    yield torch.randint(-9, 9, (1, 5), dtype=torch.int64)
+    yield torch.randint(0, 255, (2, 3, 5), dtype=torch.uint8)
+    yield torch.tensor([[True, False]])
+
+
+@pytest.mark.parametrize("point", ["q", "partial_out", "topk", "lse", "hidden", "attn_out", "kv_pages"])
+def test_device_parts_give_exactly_the_host_stats(point):
+    for tensor in _tensors():
+        array, dtype = encode(tensor.contiguous())
+        expected = stats.compute(array, dtype, point, keep_arrays=True)
+        parts = {k: v.numpy() for k, v in device_stats.parts(tensor, point).items()}
+        got = stats.from_parts(parts, dtype, point, list(tensor.shape))
+        assert got[0] == expected[0], (dtype, tuple(tensor.shape))
+        assert (got[1] is None) == (expected[1] is None)
+        if expected[1] is not None:
+            assert got[1].dtype == expected[1].dtype
+            for field in expected[1].dtype.names or (None,):  # NaN norms equal whatever their payload
+                pick = (lambda a: a[field]) if field else (lambda a: a)
+                assert np.array_equal(pick(got[1]), pick(expected[1]), equal_nan=pick(got[1]).dtype.kind == "f")
+
+
+def test_full_mode_scalars_match_stats_mode_scalars():
+    """Full mode reads the scalars from raw bits; stats mode from the norms: the same numbers."""
+    for point in ("q", "partial_out", "lse", "topk"):
+        for tensor in _tensors():
+            array, dtype = encode(tensor.contiguous())
+            full, _ = stats.compute(array, dtype, point, keep_arrays=False)
+            kept, _ = stats.compute(array, dtype, point, keep_arrays=True)
+            assert full == kept, (point, dtype, tuple(tensor.shape))
+    q = torch.zeros(1, 3, 4)
+    q[0, 0, 1] = 1e-45  # the smallest float32 subnormal: not a zero head
+    q[0, 2, 3] = -0.0
+    scalars, _ = stats.compute(q.numpy(), "float32", "q", keep_arrays=False)
+    assert scalars["zero_heads"] == 2 and scalars["absmax"] == pytest.approx(1e-45, rel=0.5)
+
+
+# -- batch commits, identity, totals, checksum ----------------------------------------------------------------
+def test_one_flush_per_handed_over_batch(tap_dir, monkeypatch):
+    calls = []
+    original = h5py.File.flush
+    monkeypatch.setattr(h5py.File, "flush", lambda self: (calls.append(1), original(self))[1])
+    tensortap.configure(dir=tap_dir, writer="thread")
+    for step in range(3):
+        with tensortap.scope(step=step, layer=0):
+            for point in ("q", "lse", "topk", "hidden"):
+                tensortap.point(f"layers.0.attn.{point}", torch.ones(2, 4, 8) if point == "q" else torch.ones(2, 4))
+        assert tensortap.flush(timeout=30)
+    tensortap.close()
+    assert len(tensortap.open(tap_dir)) == 12
+    assert len(calls) <= 1 + 3, f"{len(calls)} HDF5 flushes for 3 batches of 4 records (one at open, one per batch)"
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_second_configure_in_the_same_directory_keeps_the_first_run(tap_dir, writer):
+    tensortap.configure(dir=tap_dir, writer=writer)
+    tensortap.point("layers.0.attn.lse", torch.zeros(2, 2), step=0)
+    assert tensortap.flush(timeout=30)
+    tensortap.configure(dir=tap_dir, writer=writer)
+    tensortap.point("layers.0.attn.lse", torch.ones(2, 2), step=1)
+    tensortap.close()
+    roots = _roots(tap_dir)
+    assert len(roots) == 2 and all(records == 1 for _, _, records in roots), "no run replaced the other's segment"
+    run_ids = [root["run_id"] for _, root, _ in roots]
+    assert len(set(run_ids)) == 2 and all(len(r) == 8 and int(r, 16) >= 0 for r in run_ids)
+    for name, root, _ in roots:
+        assert name == schema.segment_name(0, root["host"], root["pid"], 0, root["run_id"])
+        assert root["writer_pid"] > 0
+
+
+def test_no_segment_is_ever_replaced(tmp_path):
+    src, dst = tmp_path / "a.tmp", tmp_path / "a"
+    src.write_text("new")
+    dst.write_text("old")
+    with pytest.raises(FileExistsError):
+        rename_no_replace(str(src), str(dst))
+    assert dst.read_text() == "old" and src.read_text() == "new"
+    # A name already taken (another writer, same host, pid and run id): the next segment number.
+    from tensortap.format.segment import SegmentWriter
+    from tensortap.capture.sink import build_record
+
+    root = {"host": "h", "pid": 7, "run_id": "abcd1234"}
+    taken = tmp_path / schema.segment_name(0, "h", 7, 0, "abcd1234")
+    taken.write_bytes(b"someone else's")
+    writer = SegmentWriter(str(tmp_path), 0, root)
+    meta = {"seq": 0, "point": "lse", "name": "layers.0.attn.lse", "dtype": "float32"}
+    writer.write(build_record(meta, None, {"data": np.ones(3, np.float32)}, True))
+    writer.close_segment()
+    assert taken.read_bytes() == b"someone else's"
+    assert [os.path.basename(p) for p in writer.paths] == [schema.segment_name(0, "h", 7, 1, "abcd1234")]
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_loss_totals_are_current_at_every_flush(tap_dir, writer, caplog):
+    tensortap.configure(dir=tap_dir, writer=writer, max_bytes=64)
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        for step in range(3):
+            with tensortap.scope(step=step):
+                tensortap.point("layers.0.attn.lse", torch.ones(4))  # 16 B each
+                tensortap.point("layers.0.attn.lse", torch.ones(2, dtype=torch.complex64))  # an error
+        tensortap.point("layers.0.attn.lse", torch.ones(64), step=9)  # over the budget
+        assert tensortap.flush(timeout=30)
+        expected = tensortap.stats()
+        (name, root, _), = _roots(tap_dir)  # the open segment, as a crash would leave it
+    assert name.endswith(".tmp")
+    assert expected["over_budget"] >= 1 and expected["errors"] >= 1 and expected["records"] == 3
+    for key in schema.LOSS_TOTALS:
+        assert root[key] == expected[key[: -len("_total")]], key
+    tensortap.close()
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize("checksum", ["on", "off"])
+def test_checksum_attribute(tap_dir, writer, checksum):
+    tensortap.configure(dir=tap_dir, writer=writer, checksum=checksum)
+    tensors = {"q": torch.randn(2, 4, 8).bfloat16(), "lse": torch.randn(64, 64), "topk": torch.zeros(0, 3, dtype=torch.int32)}
+    with tensortap.scope(step=0):
+        for point, tensor in tensors.items():
+            tensortap.point(f"layers.0.attn.{point}", tensor)
+    tensortap.close()
+    (name,) = segment_files(tap_dir)
+    with h5py.File(os.path.join(tap_dir, name), "r") as f:
+        for group in f[schema.RECORDS_GROUP].values():
+            point = json.loads(group.attrs["meta"])["point"]
+            dataset = group[point]
+            if checksum == "off":
+                assert "crc32" not in dataset.attrs
+                continue
+            raw = encode(tensors[point].contiguous())[0]
+            assert dataset.attrs["crc32"].dtype == np.uint32
+            assert int(dataset.attrs["crc32"]) == (zlib.crc32(raw.tobytes()) if raw.size else 0)
+
+
+# -- the writer process ------------------------------------------------------------------------------------------
+def test_no_h5py_in_a_server_with_a_writer_process(tmp_path):
+    code = (
+        "import sys, torch, tensortap\n"
+        "tensortap.configure(dir=sys.argv[1], writer='process')\n"
+        "for step in range(3):\n"
+        "    with tensortap.scope(step=step, layer=1):\n"
+        "        tensortap.point('layers.1.attn.q', torch.randn(2, 4, 8))\n"
+        "        tensortap.point('layers.1.attn.hidden', torch.randn(2, 8))\n"
+        "assert tensortap.flush(timeout=60)\n"
+        "tensortap.close()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'h5py'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tap")], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.strip() == "[]"
+    assert len(tensortap.open(str(tmp_path / "tap"))) == 6
+
+
+def _capture_steps(steps, per_step=3):
+    for step in steps:
+        with tensortap.scope(step=step, layer=2, role="draft"):
+            for k in range(per_step):
+                tensortap.point("layers.2.attn.lse", torch.full((2, 4), float(step * 10 + k)), spec_pos=k)
+
+
+def _assert_all(directory, steps, per_step=3):
+    d = tensortap.open(directory)
+    got = sorted((r.step, r.meta["spec_pos"]) for r in d)
+    assert got == [(s, k) for s in steps for k in range(per_step)], "every record, once"
+    for step in (steps[0], steps[-1]):
+        assert float(d.get("lse", step=step, spec_pos=1)[0, 0]) == step * 10 + 1
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-c", "import sys; sys.exit('No module named tensortap')"],
+                                     ["/nonexistent/python3"]])
+def test_a_writer_process_that_cannot_start_falls_back(tap_dir, monkeypatch, caplog, command):
+    monkeypatch.setattr(ChildSink, "_command", lambda self: command)
+    tensortap.configure(dir=tap_dir, writer="process")
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        _capture_steps(range(4))
+        assert tensortap.flush(timeout=60)
+        _capture_steps(range(4, 6))
+        assert tensortap.flush(timeout=60)
+        counters = tensortap.stats()
+        tensortap.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "writer=thread" in errors[0], errors
+    assert "No module named tensortap" in errors[0] or "could not be started" in errors[0]
+    assert counters["lost"] == 0 and counters["records"] == 18
+    _assert_all(tap_dir, list(range(6)))
+
+
+def test_a_writer_process_that_dies_loses_nothing_handed_over(tap_dir, caplog):
+    tensortap.configure(dir=tap_dir, writer="process")
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        _capture_steps(range(3))
+        assert tensortap.flush(timeout=60)
+        sink = runtime._tap.writer.sink
+        sink.process.kill()  # SIGKILL of the writer process alone
+        sink.process.wait()
+        _capture_steps(range(3, 8))
+        assert tensortap.flush(timeout=60)
+        counters = tensortap.stats()
+        tensortap.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "writer process exited" in errors[0], errors
+    assert counters["lost"] == 0 and counters["records"] == 24
+    _assert_all(tap_dir, list(range(8)))
+
+
+# -- SIGKILL ---------------------------------------------------------------------------------------------------
+FLUSHED_STEPS = 4
+
+
+def _killed_writer(directory: str, writer: str, report: int) -> None:
+    """A forked tapping process: 3 records per forward, a flush after forward FLUSHED_STEPS-1, then it
+    keeps capturing until it is killed."""
+    try:
+        tensortap.configure(dir=directory, writer=writer)
+        _capture_steps(range(FLUSHED_STEPS))
+        tensortap.flush(timeout=60)
+        os.write(report, b"F")
+        step = FLUSHED_STEPS
+        while step < 100_000:
+            _capture_steps([step])
+            step += 1
+        time.sleep(60)
+    finally:
+        os._exit(0)
+
+
+def _steps_of(dump):
+    steps = {}
+    for r in dump:
+        steps.setdefault(r.step, set()).add(r.meta["spec_pos"])
+    return steps
+
+
+def test_sigkill_keeps_every_forward_flushed_before_it(tmp_path):
+    """20 kills at random moments after a flush, alternating writers (with writer=process only the
+    server dies: its writer process commits what it received). Read at once: never an error, and a
+    segment whose writer process is still committing it is reported as such; every forward flushed
+    before the kill is complete (at once when its writer is dead, once committed when it lives on:
+    HDF5 updates metadata in place, so a reader may see less of a segment while it is written)."""
+    rng = random.Random(13)
+    for i in range(20):
+        writer = ("thread", "process")[i % 2]
+        directory = str(tmp_path / f"tap{i}")
+        read, report = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            _killed_writer(directory, writer, report)
+        os.close(report)
+        try:
+            assert os.read(read, 1) == b"F", "the child flushed"
+            time.sleep(rng.uniform(0.0, 0.05))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read)
+        d = tensortap.open(directory)  # at once: never an error
+        tensortap.check(d, use_oracle=False)
+        assert len(d.truncated) <= 1
+        if writer == "thread":
+            assert len(d.truncated) == 1 and not d.live, "the writer died with the server: its segment is truncated"
+        elif d.live:
+            assert "still being written" in d.live[0].truncation or d.live[0].live
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(f.endswith(".tmp") for f in os.listdir(directory)):
+                time.sleep(0.05)  # the surviving writer process commits and renames it
+            d = tensortap.open(directory)
+        steps = _steps_of(d)
+        for step in range(FLUSHED_STEPS):
+            assert steps.get(step) == {0, 1, 2}, (i, writer, step, sorted(steps), d.segments)
+        assert sorted(steps) == list(range(len(steps))), "no forward missing before the last one read"
