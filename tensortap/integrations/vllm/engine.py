@@ -163,7 +163,8 @@ def wrap_add_eager(original):
 def _replaying(held, fn):
     from vllm.utils.torch_utils import weak_ref_tensor
 
-    module, args, kwargs = held
+    module, args, kwargs, _ = held
+    held[3] = True
     output = kwargs.get("output", args[-1] if args else None)
     output = weak_ref_tensor(output) if output is not None else None  # the region's static output buffer
 
