@@ -160,3 +160,37 @@ def test_unknown_filter_keys_list_the_valid_ones(tmp_path):
     with pytest.raises(tensortap.SelectionError, match="unknown filter key 'ranks'"):
         list(d.iter("lse", ranks=1))
     assert len(d.select(spec_pos=None, time_ns=10 * SECOND)) == 1  # schema keys and keys the records hold
+
+
+# -- with real captures ------------------------------------------------------------------------------
+def test_second_configure_in_one_directory_is_listed_as_two_runs(tap_dir, cli):
+    import torch
+
+    for step in range(2):
+        tensortap.configure(dir=tap_dir, writer="thread")
+        tensortap.point("layers.0.attn.lse", torch.full((2, 2), float(step)), step=step)
+        tensortap.close()
+    code, out, err = cli(["ls", tap_dir])
+    assert code == 2 and "holds 2 runs" in err and len(err.strip().splitlines()) == 1, err
+    runs = tensortap.open(tap_dir, run="all").runs
+    assert len(runs) == 2 and all(len(r.id) == 8 for r in runs)
+    for step, run in enumerate(runs):  # in start order
+        code, out, err = cli(["ls", tap_dir, "--run", run.id, "--json"])
+        assert code == 0 and json.loads(out)["steps"] == [step], (out, err)
+
+
+def test_ls_shows_what_max_bytes_stopped(tap_dir, cli):
+    import torch
+
+    tensortap.configure(dir=tap_dir, writer="thread", max_bytes="1K")
+    for step in range(4):
+        tensortap.point("layers.0.attn.lse", torch.zeros(64), step=step)  # 256 B each... then 512 B
+        tensortap.point("layers.0.attn.q", torch.zeros(128), step=step)
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    over = int(d.losses.loc[0, "over_budget_total"])
+    assert over > 0 and len(d) + over == 8
+    code, out, err = cli(["ls", tap_dir])
+    assert code == 0 and f"losses rank 0: over_budget {over}; the writer wrote {len(d)} records" in out, out
+    code, out, err = cli(["ls", tap_dir, "--json"])
+    assert json.loads(out)["per_rank"][0]["over_budget"] == over
