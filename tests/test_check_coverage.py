@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -294,7 +295,9 @@ def generated(tmp_path_factory):
 
 
 def test_random_valid_forwards_are_clean_and_verified(generated):
-    report = check(generated["clean"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "All-NaN slice", no overflow noise
+        report = check(generated["clean"])
     assert not report.errors, report.errors
     assert report.findings == [], [(f.code, f.layer, f.message) for f in report.findings[:5]]
     assert report.verified, report.status_line()
@@ -303,8 +306,32 @@ def test_random_valid_forwards_are_clean_and_verified(generated):
 
 
 def test_no_detector_raises_on_strange_but_valid_forwards(generated, cli):
-    report = check(generated["chaos"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = check(generated["chaos"])
     assert not report.errors, report.errors
     assert report.exit_code != 2
     code, _, _ = cli(["check", generated["chaos"]])
     assert code in (0, 1)
+
+
+# -- the writer's losses (issue 13 item 5): a note, and a finding where they hide evidence ---------------
+def test_writer_losses_are_notes_and_a_finding_where_points_are_missing(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from tensortap.dump import Dump
+
+    rng = np.random.default_rng(7)
+    records = next(r for r in (_case(rng, 5) for _ in range(20)) if len({m["rank"] for _, _, m in r}) >= 2)
+    records = [(p, t, m) for p, t, m in records if not (p == "merged_out" and m["rank"] == 1)]
+    path = str(tmp_path / "dump")
+    _write(path, [records])
+    totals = pd.DataFrame([{"run": "", "rank": 1, "records_total": 10, "graph_skipped_total": 3, "over_budget_total": 2,
+                            "dropped_total": 0, "lost_total": 0, "errors_total": 0}])
+    monkeypatch.setattr(Dump, "losses", property(lambda self: totals), raising=False)
+    report = check(path)
+    assert any("rank 1 lost records: 2 over budget (max_bytes stopped capture), 3 skipped inside CUDA graphs" in n
+               for n in report.notes), report.notes
+    loss = report.by_code("capture-loss")
+    assert [f.ranks for f in loss] == [[1]] and loss[0].evidence["missing_points"] == ["merged_out"]
+    assert loss[0].op == "capture" and report.exit_code == 1

@@ -124,7 +124,7 @@ def _losses(dump: Dump) -> dict[int, dict[str, int]]:
                     out[rank][name] = out[rank].get(name, 0) + value
     for rank, n in dump.dropped.items():
         out[rank]["dropped"] = max(out[rank].get("dropped", 0), int(n))
-    return {r: v for r, v in sorted(out.items()) if v}
+    return {r: {k: v[k] for k in LOSS_NAMES if k in v} for r, v in sorted(out.items()) if v}
 
 
 def _dump_notes(dump: Dump, losses: dict[int, dict[str, int]]) -> list[str]:

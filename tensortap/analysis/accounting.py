@@ -120,7 +120,9 @@ def _account(fw: Forward, m: _Rank) -> Finding | None:
     if not any(counts.values()) and not lengths_off:
         return None
     cause, op = _cause(m, valid, dropped, formula, recorded if lengths_off else None)
-    parts = [f"{n} {what}" for what, n in counts.items() if n]
+    words = {"dropped": "dropped", "misplaced": "read at the wrong slot", "foreign": "consumed although not its own",
+             "duplicated": "consumed twice"}
+    parts = [f"{n} {words[what]}" for what, n in counts.items() if n]
     examples = {what: _examples(m, mask, expected) for what, mask in
                 (("dropped", dropped), ("misplaced", misplaced), ("foreign", foreign), ("duplicated", dup)) if mask.any()}
     evidence = dict(counts, selected=int(valid.sum()), owned=int((expected >= 0).sum()),
@@ -131,8 +133,8 @@ def _account(fw: Forward, m: _Rank) -> Finding | None:
         evidence.update(local_seq_lens=list(recorded), local_seq_lens_formula=formula.tolist())
     what = ", ".join(parts) if parts else "local lengths off the formula"
     return Finding(CODE, "error",
-                   f"rank {m.rank}: {what} of the {int((expected >= 0).sum())} selected token(s) it owns under the "
-                   f"cache's sharding (DCP {m.n}, interleave {m.interleave}, block {m.block_size}); likely cause: {cause}",
+                   f"rank {m.rank} owns {int((expected >= 0).sum())} of the selected tokens under the cache's sharding "
+                   f"(DCP {m.n}, interleave {m.interleave}, block {m.block_size}): {what}; likely cause: {cause}",
                    ranks=[m.rank], evidence=evidence, op=op, **fw.where())
 
 
