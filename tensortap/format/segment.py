@@ -9,7 +9,7 @@ The loss totals (records_total, ..., graph_skipped_total) are root attributes ke
 every commit, so a crashed segment carries them as of its last flush point.
 
 Per record: one group, one dataset (contiguous, written by h5py with the GIL released; compact, in
-its object header, up to 16 KiB), the `meta` attribute, and where needed `dtype`, `crc32` and `_stats`; h5py's low-level API throughout, with
+its object header, up to 1 KiB: larger data is written at once, not by the flush), the `meta` attribute, and where needed `dtype`, `crc32` and `_stats`; h5py's low-level API throughout, with
 type and dataspace ids cached. The metadata cache is kept small: HDF5's flush walks every cached
 entry, so a large cache makes each commit cost more as the segment grows (measured here).
 """
@@ -36,7 +36,7 @@ from tensortap.format.codecs import RAW_BITS, STORED
 LIBVER = ("v108", "v108")
 METADATA_CACHE_BYTES = 256 << 10
 CRC_ATTR = "crc32"
-COMPACT_BYTES = 16 << 10  # tensors up to this size are stored in their object header (no separate block)
+COMPACT_BYTES = 1 << 10  # tensors up to this size are stored in their object header (no separate block)
 _SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 
 
@@ -243,6 +243,8 @@ class SegmentWriter:
         self._written_totals = {}
         self._rows, self._metas, self._bytes = [], [], 0
         self._dirty = True
+        for name in schema.LOSS_TOTALS:  # made now, rewritten in place later: the root header never grows
+            self.totals.setdefault(name, 0)
         self._write_totals()
         self._file.flush()
         self._dirty = False
