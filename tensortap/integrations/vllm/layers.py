@@ -8,7 +8,6 @@ are computed once per layer and config; a layer with none costs one dict lookup.
 
 from __future__ import annotations
 
-import collections
 import re
 from dataclasses import dataclass
 
@@ -18,7 +17,15 @@ from tensortap.integrations.vllm.state import ACTIVE, ENGINE, WRITER, guarded
 from tensortap.vocab import POINTS
 
 DRAFT_TAGS = ("eagle_head", "draft_model", "dspark_head", "dflash_head")
-_Layer = collections.namedtuple("_Layer", "layer role mtp")  # what construction tells
+
+
+class _Layer:
+    """What construction tells of a layer, and (per config) the points its name and role pass."""
+
+    __slots__ = ("layer", "role", "mtp", "config", "points")
+
+    def __init__(self, layer: int, role: str, mtp: bool):
+        self.layer, self.role, self.mtp, self.config, self.points = layer, role, mtp, None, frozenset()
 
 
 @dataclass
@@ -50,14 +57,17 @@ class _Steps:
         self.step, self.spec_pos, self.last_target, self.last_draft = -1, -1, None, None
 
     def enter(self, info: _Layer) -> tuple[int, int]:
+        layer = info.layer
         if info.role == "target":
-            if self.last_target is None or info.layer <= self.last_target:
+            last = self.last_target
+            if last is None or layer <= last:
                 self.step, self.spec_pos, self.last_draft = self.step + 1, -1, None
-            self.last_target = info.layer
+            self.last_target = layer
             return self.step, 0
-        if info.mtp or self.last_draft is None or info.layer <= self.last_draft:
+        last = self.last_draft
+        if info.mtp or last is None or layer <= last:
             self.spec_pos += 1
-        self.last_draft = info.layer
+        self.last_draft = layer
         return max(self.step, 0), self.spec_pos
 
 
@@ -65,22 +75,31 @@ STEPS = _Steps()
 
 
 class _Wanted:
-    """Per config: layer -> the points its name and role pass (the per-name part of the filter)."""
+    """Per config: layer -> the points its name and role pass (the per-name part of the filter); per step:
+    (role, spec_pos) -> the verdict of `tensortap.wants` on the rest (step, rank, budget), asked once."""
 
     def __init__(self):
-        self.config, self.points = None, {}
+        self.config, self.step, self.forwards = None, None, {}
+
+    def forward(self, name: str, meta: dict) -> bool:
+        if meta["step"] != self.step:
+            self.step, self.forwards = meta["step"], {}
+        key = (meta["role"], meta["spec_pos"])
+        verdict = self.forwards.get(key)
+        if verdict is None:
+            verdict = self.forwards[key] = tensortap.wants(name, **meta)
+        return verdict
 
     def get(self, info: _Layer) -> frozenset:
         config = tensortap.current_config()
-        if config is not self.config:
-            self.config, self.points = config, {}
-        points = self.points.get(info)
-        if points is None:
+        if config is not info.config:
+            if config is not self.config:
+                self.config, self.step, self.forwards = config, None, {}
             flt = config.filter if config is not None else None
             role_ok = flt is not None and (flt.roles is None or info.role in flt.roles)
-            points = self.points[info] = frozenset(
-                p for p in POINTS if role_ok and flt.keeps_point(p, info.layer))
-        return points
+            info.points = frozenset(p for p in POINTS if role_ok and flt.keeps_point(p, info.layer))
+            info.config = config
+        return info.points
 
 
 WANTED = _Wanted()
@@ -158,28 +177,35 @@ def _batch_meta(md, meta: dict) -> dict:
     return out
 
 
-def _open(module, kind: str, metadata, args, kwargs) -> _Forward | None:
-    """The tapped forward of one layer call; None when it is not a noted layer, not wanted, or a start-up
-    forward (warm-up and profiling: not recorded; graph capture: only where points feed graph slots)."""
+def enter(module):
+    """The one question per layer call: (info, step, spec_pos, wanted points) of a noted layer that has
+    points the filter's per-name part keeps, outside warm-ups; else None (one dict lookup, mostly)."""
     info = getattr(module, "_tensortap", None)
     if info is None:
         return None
     step, spec_pos = STEPS.enter(info)
-    wanted = WANTED.get(info)
-    if not wanted:
+    if tensortap.current_config() is not info.config:
+        WANTED.get(info)
+    phase = ENGINE.phase
+    if not info.points or phase == "warmup":
         return None
-    phase, graph_only = ENGINE.phase, False
-    if phase == "warmup":
-        return None
-    if phase == "capture":
-        if not (state.graph_slots() and state.capturing()):
-            return None
-        graph_only = True
     if phase is not None:
         step = max(ENGINE.step, 0)
+    if WANTED.step == step and WANTED.forwards.get((info.role, spec_pos)) is False:
+        return None  # this step (role, draft pass) was asked already and is not wanted
+    return info, step, spec_pos, info.points
+
+
+def _open(module, kind: str, metadata, args, kwargs, entered) -> _Forward | None:
+    """The tapped forward of one layer call; None when its step or rank is not wanted, or it is a start-up
+    forward (warm-up and profiling: not recorded; graph capture: only where points feed graph slots)."""
+    info, step, spec_pos, wanted = entered
+    graph_only = ENGINE.phase == "capture"
+    if graph_only and not (state.graph_slots() and state.capturing()):
+        return None
     meta = dict(step=step, layer=info.layer, role=info.role, spec_pos=spec_pos)
     prefix = f"layers.{info.layer}.attn."
-    if not tensortap.wants(prefix + next(iter(wanted)), **meta):
+    if not WANTED.forward(prefix + next(iter(wanted)), meta):
         return None
     md = metadata(module, args, kwargs)
     if md is None:
@@ -195,12 +221,17 @@ def point(fwd: _Forward, point: str, tensor, **meta) -> None:
         tensortap.point(fwd.prefix + point, tensor, **meta)
 
 
-def layer_call(kind: str, module, metadata, args, kwargs, call, after=None):
+def layer_call(kind: str, module, metadata, args, kwargs, call, after=None, entered=None):
     """Run one layer call inside its tapped forward; calls nested in an open forward pass straight through.
-    `after(fwd, result)` runs (guarded) on the call's result inside the forward's scope."""
+    `after(fwd, result)` runs (guarded) on the call's result inside the forward's scope; `entered`: what
+    `enter(module)` gave, when the caller asked it already."""
     if ACTIVE.get() is not None:
         return call()
-    fwd = guarded(_open, module, kind, metadata, args, kwargs)
+    if not entered:
+        entered = guarded(enter, module)
+        if entered is None:
+            return call()
+    fwd = guarded(_open, module, kind, metadata, args, kwargs, entered)
     if fwd is None:
         return call()
     token = ACTIVE.set(fwd)

@@ -40,8 +40,16 @@ def _scoped(kind: str, metadata, after=None):
     def make(original):
         @functools.wraps(original)
         def wrapper(self, *args, **kwargs):
+            if ACTIVE.get() is not None:
+                return original(self, *args, **kwargs)
+            try:
+                entered = layers.enter(self)
+            except Exception:  # the tap never raises into the forward; layer_call asks again and logs it
+                entered = ()
+            if entered is None:  # an untapped layer: this is all it costs
+                return original(self, *args, **kwargs)
             return layers.layer_call(kind, self, metadata, args, kwargs, lambda: original(self, *args, **kwargs),
-                                     after)
+                                     after, entered)
         return wrapper
     return make
 
