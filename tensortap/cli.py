@@ -15,17 +15,38 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from tensortap import __version__
+from tensortap.cli_options import click_errors, LAYER, RANK, ROLE, SPEC_POS, STEP, Command, Group, Selection, check_output, usage_error
 from tensortap.errors import TapError
+from tensortap.vocab import DEFAULT_PHASES, HEAD_POINTS, POINTS, ROLES
 
 app = typer.Typer(
+    cls=Group,
+    rich_markup_mode=None,  # plain help: paragraphs re-wrapped to the terminal, example blocks kept as written
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Capture, check and diff per-rank tensors of distributed MLA attention.",
+    help="Capture, check and diff per-rank tensors of distributed MLA attention.\n\n"
+         "\b\nStart here:\n  tensortap demo                     reproduce the bug on 4 CPU ranks\n"
+         "  tensortap check DUMP               name what went wrong\n"
+         "  tensortap report DUMP -o r.html    the same as one HTML page",
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"tensortap {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Capture, check and diff per-rank tensors of distributed MLA attention."""
 
 
 def _guarded(command):
@@ -35,15 +56,16 @@ def _guarded(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except TapError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        except TapError as exc:  # names from files: plain text, never console markup
+            err.print(Text("error: ", style="red") + Text(" ".join(str(exc).split())))
             raise typer.Exit(2)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
+        except (typer.Exit, typer.Abort, click_errors.ClickException, KeyboardInterrupt):
+            raise  # usage errors: the app prints them as one line
         except Exception as exc:  # a bug of ours: still one line, the traceback on request
             if os.environ.get("TENSORTAP_DEBUG"):
                 raise
-            err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (set TENSORTAP_DEBUG=1 for the traceback)")
+            err.print(Text("error: ", style="red")
+                      + Text(f"{' '.join(f'{type(exc).__name__}: {exc}'.split())} (set TENSORTAP_DEBUG=1 for the traceback)"))
             raise typer.Exit(2)
 
     return wrapper
@@ -55,90 +77,112 @@ def _print_json(value) -> None:
     sys.stdout.write(json.dumps(jsonable(value), indent=2) + "\n")
 
 
-def _open(paths: List[Path]):
+def _open(paths: List[Path], run: Optional[str] = None, all_phases: bool = False):
     import tensortap
 
-    return tensortap.open([str(p) for p in paths])
+    return tensortap.open([str(p) for p in paths], run=run, phases="all" if all_phases else DEFAULT_PHASES)
+
+
+RUN = typer.Option(None, "--run", help="The run to read when the dump holds several (see ls), or 'all'.")
+ALL_PHASES = typer.Option(False, "--all-phases", help="Keep warmup and CUDA-graph capture records too.")
 
 
 # -- ls ----------------------------------------------------------------------------------------------
-@app.command("ls")
+@app.command("ls", cls=Command)
 @_guarded
 def ls_command(
-    dumps: List[Path] = typer.Argument(..., help="Dump directories or segment files."),
+    dumps: List[Path] = typer.Argument(..., metavar="DUMP", help="Dump directories or segment files."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+    run: Optional[str] = RUN,
+    all_phases: bool = ALL_PHASES,
 ):
-    """List what a dump holds: ranks, steps, layers, roles, points, bytes, dropped and truncated records."""
+    """List what a dump holds: ranks, steps, layers, roles, points, bytes, every loss the writers counted
+    (dropped, over_budget, lost, errors, graph_skipped), truncated and live segments, runs.
+
+    \b
+    Examples:
+      tensortap ls tensortap-demo/bug-20261201-221530
+      tensortap ls /scratch/tap --run 3f9c2a1b      (one of several runs)
+      tensortap ls /scratch/tap --json | jq .per_rank
+    """
+    from tensortap.listing import per_rank as rank_rows, print_notes, print_problems
     from tensortap.text import span
     from tensortap.text import human_bytes
 
-    d = _open(dumps)
+    d = _open(dumps, run, all_phases)
     summary = d.summary()
-    per_rank = []
-    for rank in d.ranks:
-        sub = d.select(rank=rank)
-        per_rank.append({
-            "rank": rank, "records": len(sub), "steps": sub.steps, "layers": sub.layers, "roles": sub.roles,
-            "points": sub.points, "bytes": sub.nbytes, "dropped": d.dropped.get(rank, 0),
-            "segments": sum(1 for s in d.segments if s.root.get("rank") == rank),
-        })
+    per_rank = rank_rows(d)
     if as_json:
         _print_json({**summary, "per_rank": per_rank})
-        return
-    out.print(repr(d))
+        raise typer.Exit(2 if print_problems(err, d) else 0)
+    out.print(Text(repr(d)))
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("rank", "records", "steps", "layers", "roles", "points", "bytes", "dropped"):
-        table.add_column(col, justify="right" if col in ("rank", "records", "bytes", "dropped") else "left")
+        table.add_column(col, justify="right" if col in ("rank", "records", "bytes", "dropped") else "left",
+                         overflow="fold")  # wrap, never cut
+    points = list(d.points)  # printed in full on their own line; a rank that lacks some lists its own
+    out.print(Text(f"points ({len(points)}): {', '.join(points)}"))
     for row in per_rank:
+        mine = "all" if list(row["points"]) == points else ", ".join(row["points"]) or "-"
         table.add_row(str(row["rank"]), str(row["records"]), span(row["steps"]), span(row["layers"]),
-                      ",".join(row["roles"]) or "-", ",".join(row["points"]), human_bytes(row["bytes"]),
+                      ",".join(row["roles"]) or "-", mine, human_bytes(row["bytes"]),
                       str(row["dropped"]))
     out.print(table)
-    for seg in d.truncated:
-        out.print(f"[yellow]truncated[/yellow] {seg.path}: {seg.records} record(s) readable; {seg.truncation}")
-    for line in d.capture_errors:
-        out.print(f"[red]capture error[/red] {line}")
+    print_notes(d, per_rank, out)
+    raise typer.Exit(2 if print_problems(err, d) else 0)
 
 
 # -- show --------------------------------------------------------------------------------------------
-@app.command("show")
+@app.command("show", cls=Command)
 @_guarded
 def show_command(
-    dump: Path = typer.Argument(..., help="Dump directory or segment file."),
-    point: str = typer.Argument(..., help="Point (lse) or full name (layers.78.attn.lse)."),
-    step: Optional[int] = typer.Option(None, help="Step."),
-    layer: Optional[int] = typer.Option(None, help="Layer (negative counts from the last)."),
-    role: Optional[str] = typer.Option(None, help="target or draft."),
-    rank: Optional[int] = typer.Option(None, help="Global rank."),
+    dump: Path = typer.Argument(..., metavar="DUMP", help="Dump directory or segment file."),
+    point: str = typer.Argument(..., metavar="POINT", help="Point (lse) or full name (layers.78.attn.lse)."),
+    step: Optional[int] = STEP,
+    layer: Optional[int] = LAYER,
+    role: Optional[str] = ROLE,
+    rank: Optional[int] = RANK,
+    spec_pos: Optional[int] = SPEC_POS,
     edge: int = typer.Option(3, help="Leading and trailing entries shown per dimension."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+    run: Optional[str] = RUN,
+    all_phases: bool = ALL_PHASES,
 ):
-    """Show one record's metadata, capture stats and a slice of its tensor (or list the matches)."""
+    """Show one record's metadata, capture stats and a slice of its tensor (or list the matches).
+
+    \b
+    Examples:
+      tensortap show DUMP lse --step 0 --role draft --spec-pos 0 --rank 1
+      tensortap show DUMP layers.77.attn.hidden --step 1 --rank 2 --json
+      tensortap show DUMP topk --role draft      (lists the matches)
+    """
     import torch
 
-    d = _open([dump])
-    sub = d.select(point=point, step=step, layer=layer, role=role, rank=rank)
+    from tensortap.listing import print_problems
+
+    d = _open([dump], run, all_phases)
+    selection = Selection(step=step, layer=layer, role=role, rank=rank, spec_pos=spec_pos)
+    sub = selection.apply(d, point)
     if len(sub) != 1:
-        if not len(sub):
-            d.record(point, step=step, layer=layer, role=role, rank=rank)  # raises with a useful hint
-        _show_matches(sub, as_json)
-        return
+        _show_matches(sub, selection, as_json)
+        raise typer.Exit(2 if print_problems(err, d) else 0)
     rec = sub[0]
     meta = {k: v for k, v in rec.meta.items() if k != "stats"}
     tensor = rec.tensor() if rec.stored else None
     sliced = _edge_slice(tensor, edge) if tensor is not None else None
     if as_json:
         _print_json({"meta": meta, "stats": rec.stats, "slice": sliced, "file": rec.path})
-        return
-    out.print(repr(rec))
-    out.print(f"file: {rec.path}")
+        raise typer.Exit(2 if print_problems(err, d) else 0)
+    out.print(Text(repr(rec)))
+    out.print(Text(f"file: {rec.path}"))
     for key, value in meta.items():
-        out.print(f"  {key}: {value}")
-    out.print("stats: " + ", ".join(f"{k}={v}" for k, v in rec.stats.items()))
+        out.print(Text(f"  {key}: {value}"))
+    out.print(Text("stats: " + ", ".join(f"{k}={v}" for k, v in rec.stats.items())))
     if tensor is not None:
         with_float = tensor.float() if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
         torch.set_printoptions(edgeitems=edge, threshold=64, linewidth=120)
         out.print(str(with_float), markup=False)
+    raise typer.Exit(2 if print_problems(err, d) else 0)
 
 
 def _edge_slice(tensor, edge: int):
@@ -152,19 +196,22 @@ def _edge_slice(tensor, edge: int):
     return part.tolist()
 
 
-def _show_matches(sub, as_json: bool) -> None:
+def _show_matches(sub, selection: Selection, as_json: bool) -> None:
     cols = ["name", "step", "role", "rank", "spec_pos", "shape", "dtype", "nonfinite", "zero_heads", "empty_rows"]
     frame = sub.records
     cols = [c for c in cols if c in frame.columns]
     if as_json:
         _print_json({"matches": frame[cols].to_dict(orient="records")})
         return
-    table = Table(box=None, pad_edge=False, header_style="bold", title=f"{len(sub)} records match; narrow with "
-                  "--step/--layer/--role/--rank to see one")
+    given = {key for _, key, _ in selection.given()}
+    narrow = [f"--{key.replace('_', '-')}" for key in ("step", "layer", "role", "rank", "spec_pos")
+              if key not in given and key in frame.columns and frame[key].nunique(dropna=False) > 1] if len(frame) else []
+    title = f"{len(sub)} records match" + (f"; narrow with {', '.join(narrow)} to see one" if narrow else "")
+    table = Table(box=None, pad_edge=False, header_style="bold", title=title)
     for col in cols:
         table.add_column(col)
     for row in frame[cols].itertuples(index=False):
-        table.add_row(*[_cell(v) for v in row])
+        table.add_row(*[Text(_cell(v)) for v in row])
     out.print(table)
 
 
@@ -179,36 +226,54 @@ def _cell(value) -> str:
 
 
 # -- check -------------------------------------------------------------------------------------------
-@app.command("check")
+@app.command("check", cls=Command)
 @_guarded
 def check_command(
-    dumps: List[Path] = typer.Argument(..., help="Dump directories or segment files (one run)."),
+    dumps: List[Path] = typer.Argument(..., metavar="DUMP", help="Dump directories or segment files (one run)."),
     as_json: bool = typer.Option(False, "--json", help="Every finding and verdict as JSON on stdout."),
     oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Recompute attention in float64 from the dump."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when a forward is unverified for a reason a bug could cause."),
+    run: Optional[str] = RUN,
+    all_phases: bool = ALL_PHASES,
+    step: Optional[int] = STEP,
+    layer: Optional[int] = LAYER,
+    role: Optional[str] = ROLE,
+    rank: Optional[int] = RANK,
+    spec_pos: Optional[int] = SPEC_POS,
 ):
     """Find pre-all-reduce rank divergence and name the laundered-consensus bug.
 
-    Exit code 0 when clean, 1 with findings, 2 on errors.
+    Exit code 0 when clean, 1 with findings (or, with --strict, unverified forwards), 2 on errors.
+    Per detector, what it verified and what it skipped and why is listed under "coverage".
+
+    \b
+    Examples:
+      tensortap check tensortap-demo/bug-20261201-221530
+      tensortap check /scratch/tap --no-oracle     (no float64 recompute)
+      tensortap check /scratch/tap --json | jq '.verdicts'
     """
     from tensortap.analysis import check
     from tensortap.analysis.render import render
+    from tensortap.listing import print_problems
 
-    d = _open(dumps)
+    d = _open(dumps, run, all_phases)
+    d = Selection(step=step, layer=layer, role=role, rank=rank, spec_pos=spec_pos).apply(d)
     report = check(d, use_oracle=oracle, progress=_progress("checking"))
+    code = 2 if d.problems else report.exit(strict)  # records set aside: the check is incomplete
     if as_json:
-        _print_json(dict(report.to_json(), strict=strict, exit_code=report.exit(strict)))
+        _print_json(dict(report.to_json(), strict=strict, exit_code=code, problems=d.warnings))
     else:
         render(report, out)
-    raise typer.Exit(report.exit(strict))
+    print_problems(err, d)
+    raise typer.Exit(code)
 
 
 # -- diff --------------------------------------------------------------------------------------------
-@app.command("diff")
+@app.command("diff", cls=Command)
 @_guarded
 def diff_command(
-    a: Path = typer.Argument(..., help="Dump A (directory or segment file)."),
-    b: Optional[Path] = typer.Argument(None, help="Dump B (not with --across-ranks)."),
+    a: Path = typer.Argument(..., metavar="A", help="Dump A (directory or segment file)."),
+    b: Optional[Path] = typer.Argument(None, metavar="B", help="Dump B (not with --across-ranks)."),
     across_ranks: bool = typer.Option(False, "--across-ranks", help="One dump: what must agree across ranks."),
     role_a: Optional[str] = typer.Option(None, help="Compare this role of A ..."),
     role_b: Optional[str] = typer.Option(None, help="... with this role of B (draft vs target)."),
@@ -219,34 +284,60 @@ def diff_command(
     rtol: Optional[float] = typer.Option(None, help="Relative tolerance (default: per dtype)."),
     atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default: per dtype)."),
     as_json: bool = typer.Option(False, "--json", help="Every pair and the summary as JSON on stdout."),
+    run: Optional[str] = typer.Option(None, "--run", help="The run to read from each dump that holds several."),
+    run_a: Optional[str] = typer.Option(None, "--run-a", help="The run of A (default: --run)."),
+    run_b: Optional[str] = typer.Option(None, "--run-b", help="The run of B (default: --run)."),
+    all_phases: bool = ALL_PHASES,
+    step: Optional[int] = STEP,
+    layer: Optional[int] = LAYER,
+    role: Optional[str] = ROLE,
+    rank: Optional[int] = RANK,
+    spec_pos: Optional[int] = SPEC_POS,
 ):
     """First divergence between two dumps (runs, roles, layouts), or agreement across ranks of one.
 
     Exit code 0 when equal within tolerance, 1 when different, 2 on errors.
+
+    \b
+    Examples:
+      tensortap diff run-a run-b
+      tensortap diff DUMP DUMP --role-a draft --role-b target
+      tensortap diff dcp4-run dcp1-run --points q,merged_out,hidden
+      tensortap diff DUMP --across-ranks
     """
-    import tensortap
     from tensortap.diffing import across_ranks as check_across, diff, summarize_agreement
     from tensortap.diffing.render import render_agreement, render_diff
+    from tensortap.listing import print_problems
 
+    selection = Selection(step=step, layer=layer, role=role, rank=rank, spec_pos=spec_pos)
     if across_ranks:
         if b is not None:
-            raise typer.BadParameter("--across-ranks takes one dump", param_hint="B")
-        rows = check_across(tensortap.open(str(a)))
+            raise usage_error(f"--across-ranks takes one dump; drop {b} or drop --across-ranks")
+        dump_a = selection.apply(_open([a], run_a or run, all_phases))
+        rows = check_across(dump_a)
         if as_json:
             _print_json({"agreement": [r.to_json() for r in rows], "summary": summarize_agreement(rows)})
         else:
             render_agreement(rows, out)
-        raise typer.Exit(1 if any(r.disagree for r in rows) else 0)
+        raise typer.Exit(2 if print_problems(err, dump_a) else 1 if any(r.disagree for r in rows) else 0)
     if b is None:
-        raise typer.BadParameter("give two dumps, or one with --across-ranks", param_hint="B")
-    point_list = [p.strip() for p in points.split(",")] if points else None
-    report = diff(str(a), str(b), role_a=role_a, role_b=role_b, layer_a=layer_a, layer_b=layer_b, steps=steps,
+        raise usage_error(f"missing dump B: give two dumps (tensortap diff {a} B), or one with --across-ranks")
+    for option, value in (("--role-a", role_a), ("--role-b", role_b)):
+        if value is not None and value not in ROLES:
+            raise usage_error(f"{option} {value!r} is not a role; choose from {', '.join(ROLES)}")
+    point_list = [p.strip() for p in points.split(",") if p.strip()] if points else None
+    unknown = [p for p in point_list or () if p not in POINTS]
+    if unknown:
+        raise usage_error(f"--points: {', '.join(map(repr, unknown))} not a tap point; choose from {', '.join(POINTS)}")
+    dump_a, dump_b = _open([a], run_a or run, all_phases), _open([b], run_b or run, all_phases)
+    dump_a, dump_b = selection.apply(dump_a, where="A"), selection.apply(dump_b, where="B")
+    report = diff(dump_a, dump_b, role_a=role_a, role_b=role_b, layer_a=layer_a, layer_b=layer_b, steps=steps,
                   points=point_list, rtol=rtol, atol=atol)
     if as_json:
         _print_json(report.to_json())
     else:
         render_diff(report, out)
-    raise typer.Exit(report.exit_code)
+    raise typer.Exit(2 if print_problems(err, dump_a, dump_b) else report.exit_code)
 
 
 def _progress(label: str):
@@ -263,45 +354,73 @@ def _progress(label: str):
 
 
 # -- plot and report ---------------------------------------------------------------------------------
-@app.command("plot")
+@app.command("plot", cls=Command)
 @_guarded
 def plot_command(
-    dump: Path = typer.Argument(..., help="Dump directory or segment file."),
+    dumps: List[Path] = typer.Argument(..., metavar="DUMP", help="Dump(s): several are drawn side by side."),
     output: Path = typer.Option(..., "-o", "--output", help="Image file to write (.png, .svg, .pdf)."),
-    point: str = typer.Option("merged_out", help="Head-shaped point for the per-head panel."),
-    step: Optional[int] = typer.Option(None, help="Step."),
-    layer: Optional[int] = typer.Option(None, help="Layer (negative counts from the last)."),
-    role: Optional[str] = typer.Option(None, help="target or draft."),
-    spec_pos: Optional[int] = typer.Option(None, help="Draft pass."),
+    point: str = typer.Option("merged_out", help=f"Point of the per-head panel: {', '.join(HEAD_POINTS)}."),
+    step: Optional[int] = STEP,
+    layer: Optional[int] = LAYER,
+    role: Optional[str] = ROLE,
+    rank: Optional[int] = RANK,
+    spec_pos: Optional[int] = SPEC_POS,
+    share_scale: bool = typer.Option(True, "--share-scale/--own-scale",
+                                     help="Several dumps: the same y-scale in every row."),
 ):
-    """Plot one forward: per-head output norms by rank, o_proj shares, hidden agreement."""
+    """Plot one forward: per-head output norms by rank, o_proj shares, hidden agreement.
+
+    Draws from the tensors, or from the capture stats of a mode=stats dump.
+
+    \b
+    Examples:
+      tensortap plot DUMP -o draft.png --step 0 --role draft --spec-pos 0
+      tensortap plot bug fixed -o both.png --step 0 --role draft --spec-pos 0
+      tensortap plot DUMP -o q.svg --point q --step 1 --role target
+    """
+    if point not in HEAD_POINTS:
+        raise usage_error(f"--point {point!r}: the per-head panel draws [T, H, D] points; choose from "
+                          f"{', '.join(HEAD_POINTS)}")
+    check_output(output, (".png", ".svg", ".pdf"))
+    selection = Selection(step=step, layer=layer, role=role, rank=rank, spec_pos=spec_pos)
+    picked = [(str(path), selection.apply(_open([path]))) for path in dumps]
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    from tensortap.plot import forward
+    from tensortap import plot
 
-    fig = forward(_open([dump]), step=step, layer=layer, role=role, spec_pos=spec_pos, point=point)
+    rows = [(label if len(picked) > 1 else "", plot.read_forward(plot.one_forward(sub), point)) for label, sub in picked]
+    fig = plot.draw(rows, share_scale=share_scale)
     fig.savefig(output, dpi=110)
-    out.print(f"wrote {output}")
+    out.print(Text(f"wrote {output}"))
 
 
-@app.command("report")
+@app.command("report", cls=Command)
 @_guarded
 def report_command(
-    dump: Path = typer.Argument(..., help="Dump directory or segment file."),
+    dump: Path = typer.Argument(..., metavar="DUMP", help="Dump directory or segment file."),
     output: Path = typer.Option(..., "-o", "--output", help="HTML file to write."),
     oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Recompute attention in float64 from the dump."),
 ):
-    """Write a self-contained HTML report: what the dump holds, the check, and a figure per verdict."""
+    """Write a self-contained HTML report: what the dump holds, the check, and a figure per verdict.
+
+    One offline file (styles and figures inline). Exit code: check's (0 clean, 1 findings).
+
+    \b
+    Examples:
+      tensortap report DUMP -o report.html
+      tensortap report DUMP -o report.html --no-oracle
+    """
     from tensortap.report import write_report
 
-    code = write_report(_open([dump]), str(output), use_oracle=oracle)
-    out.print(f"wrote {output}")
+    check_output(output, (".html", ".htm"))
+    code = write_report(_open([dump]), str(output), use_oracle=oracle, dump_path=str(dump))
+    out.print(Text(f"wrote {output}"))
     raise typer.Exit(code)
 
 
 # -- demo --------------------------------------------------------------------------------------------
-@app.command("demo")
+@app.command("demo", cls=Command)
 @_guarded
 def demo_command(
     out: Optional[Path] = typer.Option(None, help="Dump directory (new or empty) [default: ./tensortap-demo/<bug|fixed>-<time>]."),
@@ -314,33 +433,67 @@ def demo_command(
     preset: str = typer.Option("glm5", help="Model sizes: glm5 (64 heads, top-k 2048) or tiny."),
     backend: str = typer.Option("ag_rs", help="DCP combine: ag_rs or a2a."),
     interleave: int = typer.Option(1, help="cp_kv_cache_interleave_size."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph",
+                                    help="Capture each step (target + draft passes) once as a CUDA graph and "
+                                         "replay it (needs --device cuda); the tap records inside the graph."),
 ):
     """Reproduce the laundered-consensus bug on a reference DCP sparse-MLA decode, with the tap on.
 
-    The draft layer's parallel config comes from vLLM 0.33.0's create_draft_parallel_config,
-    which drops decode_context_parallel_size: the draft runs DCP 1 against a DCP-sharded cache.
+    The draft layer's parallel config is built the way vLLM 0.33.0's
+    SpeculativeConfig.create_draft_parallel_config builds it: that function does not copy
+    decode_context_parallel_size, so the draft layer runs DCP 1 against a DCP-sharded cache.
+    (In vLLM 0.33.0 itself, MTP/EAGLE drafts inherit the target's DCP through another path;
+    separate draft models and forks that build the draft config with that function do not.)
+    --fixed copies the DCP fields. The default run takes 25-80 s on 2 CPU cores.
+
+    \b
+    Examples:
+      tensortap demo                      (the bug: glm5 sizes, 4 CPU ranks)
+      tensortap demo --fixed              (the fix: check comes out clean)
+      tensortap demo --preset tiny --steps 1
+      tensortap demo --device cuda        (4 GPUs over NCCL)
+      tensortap demo --device cuda --cuda-graph   the same, every step a replayed CUDA graph
     """
     from tensortap.mla.config import PRESETS
     from tensortap.mla.demo import default_out, run_demo
     from tensortap.mla.scenario import Scenario
 
     if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="--preset")
+        raise usage_error(f"--preset {preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     dcp = dcp or ranks
     if ranks < 1 or dcp < 1 or ranks % dcp or PRESETS[preset].num_heads % ranks:
-        raise typer.BadParameter(f"--ranks {ranks} must split {PRESETS[preset].num_heads} heads and be a multiple "
-                                 f"of --dcp {dcp}", param_hint="--ranks")
+        raise usage_error(f"--ranks {ranks} must split {PRESETS[preset].num_heads} heads and be a multiple "
+                          f"of --dcp {dcp}")
+    _check_demo_device(device, ranks)
+    if cuda_graph and device != "cuda":
+        raise usage_error("--cuda-graph needs --device cuda (CUDA graphs run on GPUs)")
     try:
         scenario = Scenario(preset=preset, ranks=ranks, dcp=dcp, interleave=interleave, backend=backend, fixed=fixed,
-                            steps=steps, spec_tokens=spec_tokens)
+                            steps=steps, spec_tokens=spec_tokens, cuda_graph=cuda_graph)
         scenario.target_parallel()
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise usage_error(str(exc)) from None
     target = str(out) if out is not None else default_out(fixed)
+    if os.path.isdir(target) and any(".tap.h5" in f for f in os.listdir(target)):
+        raise usage_error(f"--out {target}: holds a dump already; pass --out with a new directory (or delete this one)")
     err.print(f"running {preset} decode on {ranks} {device} ranks (TP{ranks}/DCP{dcp}, "
               f"draft config {'fixed' if fixed else 'as vLLM 0.33.0 builds it'}), tap -> {target}")
     run = run_demo(scenario, target, device)
     _print_demo(run)
+
+
+def _check_demo_device(device: str, ranks: int) -> None:
+    """Before any work: the device exists, with a GPU for every rank."""
+    if device not in ("cpu", "cuda"):
+        raise usage_error(f"--device {device!r}: choose cpu (gloo ranks) or cuda (one GPU a rank)")
+    if device == "cuda":
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found < ranks:
+            fewer = f", or --ranks {found}" if found else ""
+            raise usage_error(f"--device cuda needs {ranks} GPUs (one a rank), found {found}; "
+                              f"run on CPU ranks with --device cpu{fewer}")
 
 
 def _print_demo(run) -> None:
@@ -348,8 +501,8 @@ def _print_demo(run) -> None:
     from tensortap.text import human_bytes
 
     d = tensortap.open(run.out)
-    out.print(f"captured {len(d)} records, {human_bytes(d.nbytes)}, from {len(d.ranks)} ranks in {run.seconds:.1f} s: "
-              f"{run.out}")
+    out.print(Text(f"captured {len(d)} records, {human_bytes(d.nbytes)}, from {len(d.ranks)} ranks in {run.seconds:.1f} s: "
+                   f"{run.out}"))
     for role in d.roles:
         sub = d.select(point="merged_out", role=role)
         zero = {}
@@ -357,16 +510,16 @@ def _print_demo(run) -> None:
             zero[rec.rank] = max(zero.get(rec.rank, 0), rec.stats.get("zero_heads", 0))
         heads = {rec.rank: rec.shape[1] for rec in sub}
         listing = ", ".join(f"rank {r}: {zero[r]}/{heads[r]}" for r in sorted(zero))
-        out.print(f"  {role}: all-zero attention heads after the merge ({listing})")
+        out.print(Text(f"  {role}: all-zero attention heads after the merge ({listing})"))
     from tensortap.analysis import check
 
     report = check(d)
     if report.verdicts:
         for verdict in report.verdicts:
-            out.print(f"[bold red]{verdict.name.upper()}[/bold red] {verdict.explanation}")
+            out.print(Text(verdict.name.upper(), style="bold red") + Text(f" {verdict.explanation}"))
     else:
         out.print(f"check: {'clean' if report.clean else f'{len(report.findings)} findings'}")
-    out.print(f"next: tensortap check {run.out}")
+    out.print(Text(f"next: tensortap check {run.out}"))
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 import typer.core
 
-from typer.core import TyperOption
+from typer.core import TyperArgument, TyperOption
 
 try:  # typer >= 0.26 vendors click: its exceptions and contexts are typer's own
     from typer._click import exceptions as click_errors
@@ -40,10 +40,12 @@ def usage_error(message: str) -> click_errors.UsageError:
 
 
 def _untag(params: list) -> list:
-    """Flags show no `<bool>` type tag in help."""
+    """Help without `<bool>` tags on flags, nor `<list[Path]>` beside an argument's own name (DUMP...)."""
     for param in params:
         if isinstance(param, TyperOption) and (param.is_flag or param.name == "help"):
             param.metavar = ""
+        elif isinstance(param, TyperArgument) and param.metavar:
+            param.display_type_rich = lambda ctx: None
     return params
 
 
@@ -60,7 +62,7 @@ class Group(typer.core.TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            code = super().main(args=args, prog_name=prog_name or "tensortap", complete_var=complete_var,
+            code = super().main(args=args, prog_name="tensortap", complete_var=complete_var,
                                 standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as exc:
             typer.echo(exc.format_message())
@@ -107,18 +109,23 @@ class Selection:
         """`step 0, role draft`, or `the dump` when nothing was given."""
         return ", ".join(f"{key.replace('_', ' ')} {value}" for _, key, value in self.given()) or "the dump"
 
-    def apply(self, dump, point: str | None = None):
+    def apply(self, dump, point: str | None = None, where: str = ""):
         """The records of `dump` matching every given option (and `point`, a point or a full name).
 
         Raises SelectionError naming the first option whose value matched nothing and what the
-        records selected before it hold."""
+        records selected before it hold (prefixed by `where`, e.g. "B", when there are two dumps)."""
         if self.role is not None and self.role not in ROLES:
             raise usage_error(f"--role {self.role!r} is not a role; choose from {', '.join(ROLES)}")
         sub, narrowed = dump, []
-        if point is not None:
-            sub = _narrow(sub, "point", point, "POINT", narrowed)
-        for opt, key, value in self.given():
-            sub = _narrow(sub, key, value, opt, narrowed)
+        try:
+            if point is not None:
+                sub = _narrow(sub, "point", point, "POINT", narrowed)
+            for opt, key, value in self.given():
+                sub = _narrow(sub, key, value, opt, narrowed)
+        except SelectionError as exc:
+            if where:
+                raise SelectionError(f"{where}: {exc}") from None
+            raise
         return sub
 
 
@@ -146,13 +153,13 @@ def held(sub, key: str) -> list:
 # -- outputs: checked before any work is done ----------------------------------------------------
 def check_output(path: Path, suffixes: tuple[str, ...], option: str = "-o") -> Path:
     """An output file we can write: a known suffix, an existing writable directory, not a directory."""
+    if path.is_dir():
+        raise usage_error(f"{option} {path}: is a directory; give a file name ending in {suffixes[0]}")
     if path.suffix.lower() not in suffixes:
         names = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise usage_error(f"{option} {path}: cannot write {path.suffix or 'a file without a suffix'}; "
                           f"name the file {names}")
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise usage_error(f"{option} {path}: is a directory; give a file name ending in {suffixes[0]}")
     if not parent.is_dir():
         raise usage_error(f"{option} {path}: directory {parent} does not exist; create it or write elsewhere")
     if not os.access(parent, os.W_OK):

@@ -53,8 +53,10 @@ def _order(key) -> tuple:
 
 
 def _label(key) -> str:
+    from tensortap.diffing import forward_label
+
     step, layer, role, spec_pos = key
-    return f"{role} layer {layer} step {step}" + (f" spec {spec_pos}" if spec_pos is not None else "")
+    return forward_label(role, layer, step, spec_pos)
 
 
 @dataclass

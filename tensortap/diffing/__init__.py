@@ -51,8 +51,7 @@ class Pair:
     def label(self) -> str:
         role = self.role if self.role_b in (None, self.role) else f"{self.role}/{self.role_b}"
         layer = self.layer if self.layer_b in (None, self.layer) else f"{self.layer}/{self.layer_b}"
-        spec = f" spec {self.spec_pos}" if self.spec_pos is not None else ""
-        return f"{role} layer {layer} step {self.step}{spec} {self.point} rank {self.rank}"
+        return f"{forward_label(role, layer, self.step, self.spec_pos)} {self.point} rank {self.rank}"
 
     def to_json(self) -> dict:
         return dict(role=self.role, role_b=self.role_b, step=self.step, spec_pos=self.spec_pos, layer=self.layer,
@@ -280,8 +279,14 @@ def _points(fw: Forward) -> list[str]:
 
 
 def _describe(fw: Forward) -> str:
-    spec = f" spec {fw.spec_pos}" if fw.spec_pos is not None else ""
-    return f"{fw.role} layer {fw.layer} step {fw.step}{spec}"
+    return forward_label(fw.role, fw.layer, fw.step, fw.spec_pos)
+
+
+def forward_label(role, layer, step, spec_pos) -> str:
+    """`draft layer 78 step 0 spec 1`; what a record does not carry is left out (never `None`)."""
+    parts = [str(role) if role is not None else "", f"layer {layer}" if layer is not None else "",
+             f"step {step}" if step is not None else "", f"spec {spec_pos}" if spec_pos is not None else ""]
+    return " ".join(p for p in parts if p) or "the forward"
 
 
 # -- one dump, across ranks -----------------------------------------------------------------------------

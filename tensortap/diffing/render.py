@@ -28,7 +28,7 @@ def _metrics(row: dict) -> list[str]:
     def cell(key: str, fmt: str) -> str:
         return "-" if row[key] is None else format(row[key], fmt)
 
-    if row["max_abs"] is None and row["jaccard"] is None and row["shape"]:
+    if row["max_abs"] is None and row["jaccard"] is None and row.get("tokens") is None and row["shape"]:
         return ["shape", "-", "-", "-", "-"]
     cells = [cell("max_abs", ".3g"), cell("max_rel", ".3g"), cell("rel_l2", ".3g"), cell("cosine", ".4f"),
              cell("jaccard", ".3f")]
@@ -48,7 +48,7 @@ def render_diff(report: DiffReport, console: Console) -> None:
             console.print(Text(f"  after: {context.label} matched"))
         else:
             console.print(Text("  (the first pair compared)"))
-    table = Table(box=None, pad_edge=False, header_style="bold")
+    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
     summary = report.summary()
     shapes = any(row["shape"] for row in summary)  # a column of shape mismatches, only when there are some
     for column in ("point", "pairs", "differ") + (("shape",) if shapes else ()) + \
@@ -56,7 +56,7 @@ def render_diff(report: DiffReport, console: Console) -> None:
         if column == "point":
             table.add_column(column, no_wrap=True, min_width=max([len(r["point"]) for r in summary] + [5]))
         else:
-            table.add_column(column, justify="right")
+            table.add_column(column, justify="right", no_wrap=True)
     for row in summary:
         table.add_row(Text(row["point"]), str(row["pairs"]), str(row["differ"]),
                       *((str(row["shape"]),) if shapes else ()), *_metrics(row))
