@@ -1,7 +1,7 @@
 """Capture cost, as ratios against baselines measured in the same run (DESIGN section 8).
 
     python benchmarks/capture.py [--steps 200] [--repeats 3] [--small 4000] [--dir /tmp/bench]
-                                 [--writers process,thread]
+                                 [--writers process,thread] [--checksum]
 
 1. Disabled `point()`: ns per call, and the ratio to an empty function called with the
    same arguments (target <= 1.5x), plus the allocated-block count across 1e5 calls (target 0).
@@ -15,6 +15,8 @@
    GIL), and with writer=process the writer process's CPU per record.
 3. Small records: `--small` records of 256 B (lse fp32 [1, 64]) in scopes of 5, records per
    second until flush() returns, with the same CPU figures.
+
+4. With --checksum: capture throughput with checksum=on against off, for each writer.
 
 CPU times are read from /proc (schedstat) just before close(): they do not depend on how busy
 the other cores are, where the wall-clock ratios do (run it on a quiet machine).
@@ -114,11 +116,11 @@ def _writer_cpu() -> tuple[int, int]:
     return own, child
 
 
-def run_tap(directory: str, recs, steps: int, writer: str = "process") -> dict:
+def run_tap(directory: str, recs, steps: int, writer: str = "process", **keys) -> dict:
     """One capture of `steps` scopes of `recs`: wall seconds, caller seconds, writer CPU seconds."""
     import tensortap
 
-    tensortap.configure(dir=os.path.join(directory, "tap"), writer=writer)
+    tensortap.configure(dir=os.path.join(directory, "tap"), writer=writer, **keys)
     with tensortap.scope(step=-1, layer=78, role="draft"):  # start the writer before the clock
         tensortap.point("layers.78.attn.lse", torch.zeros(1))
     tensortap.flush()
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=4000, help="256-byte records for the small-record run")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--writers", default="process,thread")
+    parser.add_argument("--checksum", action="store_true", help="also measure the cost of checksum=on")
     args = parser.parse_args()
     writers = [w.strip() for w in args.writers.split(",") if w.strip()]
 
@@ -195,6 +198,21 @@ def main() -> None:
                      f"{pick('caller'):14.1f} {pick('thread_cpu'):18.1f} {pick('child_cpu'):19.1f}")
         print(line)
     print("targets: >= 0.70x tofile and >= 3x torch.save, for each writer")
+
+    if args.checksum:
+        print(f"\nchecksum=on against off ({args.steps} steps x 5 records), median of {args.repeats}:")
+        for writer in writers:
+            took = {"off": [], "on": []}
+            for repeat in range(args.repeats):
+                for switch in ("off", "on"):
+                    directory = tempfile.mkdtemp(dir=args.dir)
+                    try:
+                        took[switch].append(run_tap(directory, recs, args.steps, writer, checksum=switch)["seconds"])
+                    finally:
+                        shutil.rmtree(directory)
+            off, on = statistics.median(took["off"]), statistics.median(took["on"])
+            print(f"tensortap ({writer}): {total_bytes / off / 1e9:.2f} GB/s off, {total_bytes / on / 1e9:.2f} GB/s on: "
+                  f"checksum costs {(on - off) / off * 100:.0f}% of capture throughput (default on below 5%)")
 
     if args.small:
         small = [("lse", torch.randn(1, 64))] * 5  # 256 B each, five per scope
