@@ -246,6 +246,40 @@ def test_flashinfer_sparse_backend_is_base_2(tapped):
     assert layers._layer_meta(layer)["lse_base"] == "2"
 
 
+def _check_codes(monkeypatch, tap_dir: str, values: str, declared: str) -> set:
+    """check's finding codes for one forward whose kernel returns LSE in base `values`, its impl declaring
+    base `declared` (lse_base_on_e), dumped to `tap_dir`."""
+    import math
+
+    def kernel(self, q, kv_c_and_k_pe_cache, topk_indices, kernel_metadata):
+        out, lse = V.fake_flash_mla(self, q, kv_c_and_k_pe_cache, topk_indices, kernel_metadata)
+        return out, lse / math.log(2) if values == "2" else lse  # [1, T, H, 512], [1, H, T]
+
+    monkeypatch.setattr(V.flashmla_sparse.FlashMLASparseImpl, "_fp8_flash_mla_kernel", kernel)
+    tensortap.configure(tap_dir)
+    config = V.vllm_config(V.target_parallel())
+    layer = V.make_layer(config, 3)
+    layer.impl.__class__ = type("Declared", (V.flashmla_sparse.FlashMLASparseImpl,), {"lse_base_on_e": declared == "e"})
+    V.decode(layer, config, V.make_metadata(get_dcp_local_seq_lens(V.SEQ_LENS, V.DCP, V.RANK, 1)), V.make_cache(),
+             torch.randn(3, V.HIDDEN, generator=torch.Generator().manual_seed(3)))
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert d.record("lse").meta["lse_base"] == declared
+    return {f.code for f in tensortap.check(d).findings}
+
+
+def test_base_2_lse_recorded_as_base_2_checks_like_natural_log(tapped, monkeypatch, tmp_path):
+    """A FlashInfer-style backend returns log2 LSE: recorded with lse_base=2, check sees exactly what it sees
+    for the same forward in natural log (no lse-sanity finding); declared natural-log, it is caught. (One
+    rank's dump with a one-rank combine: the zero-heads/oracle findings of rows whose tokens live on the
+    other ranks are the same in all three.)"""
+    natural = _check_codes(monkeypatch, str(tmp_path / "e"), "e", "e")
+    base_2 = _check_codes(monkeypatch, str(tmp_path / "2"), "2", "2")
+    wrong = _check_codes(monkeypatch, str(tmp_path / "wrong"), "2", "e")
+    assert base_2 == natural and "lse-sanity" not in natural and "merge-mismatch" not in natural
+    assert "lse-sanity" in wrong, wrong
+
+
 def test_local_seq_lens_ride_on_the_builders_metadata():
     """SparseMLACommonMetadataBuilder.build, wrapped: the model runner's dcp_local_seq_lens ride on its output."""
     from types import SimpleNamespace
