@@ -342,3 +342,28 @@ def test_sigkill_keeps_every_forward_flushed_before_it(tmp_path):
         for step in range(FLUSHED_STEPS):
             assert steps.get(step) == {0, 1, 2}, (i, writer, step, sorted(steps), d.segments)
         assert sorted(steps) == list(range(len(steps))), "no forward missing before the last one read"
+
+
+@pytest.mark.parametrize("ring_bytes", [1 << 20, 64 << 10])
+def test_large_tensors_through_the_shared_ring_round_trip(tap_dir, monkeypatch, ring_bytes):
+    """A small ring: it wraps and fills (the writer thread waits for acknowledgements), and with a
+    ring smaller than one array the array travels inline. Every byte comes back."""
+    monkeypatch.setattr(ChildSink, "RING_BYTES", ring_bytes)
+    torch.manual_seed(3)
+    sent = {}
+    tensortap.configure(dir=tap_dir, writer="process")
+    for step in range(12):
+        with tensortap.scope(step=step, layer=1):
+            q = torch.randn(4, 16, 576 + step).bfloat16()  # 74-82 KiB, odd sizes
+            pages = torch.randint(0, 255, (3, 64, 656), dtype=torch.uint8)  # 126 KiB
+            tensortap.point("layers.1.attn.q", q)
+            tensortap.point("layers.1.attn.kv_pages", pages)
+            sent[step] = (q, pages)
+    assert tensortap.flush(timeout=60)
+    assert tensortap.stats()["lost"] == 0
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert len(d) == 24
+    for step, (q, pages) in sent.items():
+        assert torch.equal(d.get("q", step=step).view(torch.int16), q.view(torch.int16))
+        assert torch.equal(d.get("kv_pages", step=step), pages)

@@ -11,8 +11,13 @@ and a record in a batch is
 
     meta length u32 | full u8 | arrays u8 | 2 pad | meta JSON | arrays
 
-    array: name length u8 | dtype length u8 | ndim u8 | pad to 8 | name | numpy dtype.str | shape i64 x ndim
-           | pad to 16 | the array's bytes (C order) | pad to 16
+    array: name length u8 | dtype length u8 | ndim u8 | in ring u8 | 4 pad | ring offset u64 | name
+           | numpy dtype.str | shape i64 x ndim | pad to 16 | [the array's bytes (C order) | pad to 16]
+
+An array of 64 KiB or more is not in the frame but in a ring of shared memory (a memfd both
+processes map): the server copies it there (one copy, like the pipe's, but the writer process
+reads it in place instead of copying it out), and the ring space is reused once its batch is
+acknowledged.
 
 The metadata is JSON encoded once, on the server, and written to the segment as received (the
 writer process appends the stats it computed and `stored`). A record's arrays are "data" (the
@@ -41,10 +46,11 @@ TOTALS = ("records", "bytes", "dropped", "over_budget", "lost", "errors", "graph
 _FRAME = struct.Struct("<BxxxIQ")
 _BATCH = struct.Struct("<Q7q")
 _RECORD = struct.Struct("<IBBxx")
-_ARRAY = struct.Struct("<BBBxxxxx")
+_ARRAY = struct.Struct("<BBBBxxxxQ")
 _ALIGN = 16
 _INLINE = 4096  # arrays up to this size are copied into the record's header bytes (one iovec less)
 _IOV_MAX = 512
+RING_MIN = 64 << 10  # arrays of at least this many bytes go through the shared ring, when there is one
 _PAD = bytes(_ALIGN)
 
 
@@ -58,8 +64,10 @@ def control_frame(kind: int, body: dict) -> bytes:
     return _FRAME.pack(kind, 0, len(data)) + data
 
 
-def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, dict]]) -> list:
-    """The buffers of one BATCH frame, for os.writev. `records`: (meta JSON, full, {name: array})."""
+def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, dict]], ring=None) -> list:
+    """The buffers of one BATCH frame, for os.writev. `records`: (meta JSON, full, {name: array}).
+    With a `ring` (writer.py), arrays of RING_MIN bytes or more are copied into the shared ring and
+    the frame carries their offset; the rest travel inline."""
     pieces: list = []
     head = bytearray(_BATCH.pack(batch_id, *(int(totals.get(k, 0)) for k in TOTALS)))
     length = len(head)
@@ -69,13 +77,15 @@ def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, d
         length += _RECORD.size + len(meta_json)
         for name, array in arrays.items():
             name_b, dtype_b = name.encode(), array.dtype.str.encode()
-            head += _ARRAY.pack(len(name_b), len(dtype_b), array.ndim)
+            at = ring.put(array) if ring is not None and array.nbytes >= RING_MIN else None
+            head += _ARRAY.pack(len(name_b), len(dtype_b), array.ndim, 0 if at is None else 1, at or 0)
             head += name_b + dtype_b
             head += struct.pack(f"<{array.ndim}q", *array.shape)
-            n = _ARRAY.size + len(name_b) + len(dtype_b) + 8 * array.ndim
-            length += n
+            length += _ARRAY.size + len(name_b) + len(dtype_b) + 8 * array.ndim
             head += _PAD[: _pad(length)]
             length += _pad(length)
+            if at is not None:
+                continue
             data = memoryview(np.ascontiguousarray(array)).cast("B") if array.nbytes else b""
             if len(data) <= _INLINE:
                 head += data
@@ -127,8 +137,9 @@ def control_body(body) -> dict:
     return json.loads(bytes(body))
 
 
-def batch_records(count: int, body: memoryview):
-    """(batch id, totals, [(meta JSON text, full, {name: array}), ...]) of a BATCH body."""
+def batch_records(count: int, body: memoryview, ring: np.ndarray | None = None):
+    """(batch id, totals, [(meta JSON text, full, {name: array}), ...]) of a BATCH body; arrays are
+    views into the body, or into the shared `ring` (valid until the batch is acknowledged)."""
     batch_id, *values = _BATCH.unpack_from(body, 0)
     offset = _BATCH.size
     records = []
@@ -139,7 +150,7 @@ def batch_records(count: int, body: memoryview):
         offset += meta_len
         arrays = {}
         for _ in range(n_arrays):
-            name_len, dtype_len, ndim = _ARRAY.unpack_from(body, offset)
+            name_len, dtype_len, ndim, in_ring, at = _ARRAY.unpack_from(body, offset)
             offset += _ARRAY.size
             name = bytes(body[offset:offset + name_len]).decode()
             offset += name_len
@@ -149,8 +160,13 @@ def batch_records(count: int, body: memoryview):
             offset += 8 * ndim
             offset += _pad(offset)
             n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            arrays[name] = np.frombuffer(body, dtype=dtype, count=n // dtype.itemsize if dtype.itemsize else 0,
-                                         offset=offset).reshape(shape)
+            count_n = n // dtype.itemsize if dtype.itemsize else 0
+            if in_ring:
+                if ring is None or at + n > ring.size:
+                    raise ValueError("a frame points outside the shared ring")
+                arrays[name] = ring[at:at + n].view(dtype).reshape(shape)
+                continue
+            arrays[name] = np.frombuffer(body, dtype=dtype, count=count_n, offset=offset).reshape(shape)
             offset += n
             offset += _pad(offset)
         records.append((meta_json, bool(full), arrays))

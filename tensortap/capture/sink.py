@@ -13,6 +13,7 @@ With writer=thread (or after a fallback) the server's writer thread drives a Rec
 from __future__ import annotations
 
 import json
+import mmap
 import signal
 import sys
 import time
@@ -91,7 +92,11 @@ def serve(stdin, stdout) -> int:
     opening = frames.read_frame(stdin)
     if opening is None or opening[0] != frames.OPEN:
         return 2
-    recorder = Recorder(frames.control_body(opening[2]))
+    o = frames.control_body(opening[2])
+    ring = None
+    if o.get("ring"):  # the server's shared memory for large arrays (frames.py)
+        ring = np.frombuffer(mmap.mmap(o["ring"]["fd"], o["ring"]["bytes"]), dtype=np.uint8)  # [bytes]
+    recorder = Recorder(o)
     failed = None
     lost = 0
 
@@ -115,7 +120,7 @@ def serve(stdin, stdout) -> int:
             break
         kind, count, body = frame
         if kind == frames.BATCH:
-            batch_id, totals, records = frames.batch_records(count, body)
+            batch_id, totals, records = frames.batch_records(count, body, ring)
             if failed is not None:
                 lost += len(records)
                 continue

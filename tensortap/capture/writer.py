@@ -6,8 +6,8 @@ records; batches that queued up behind a slow disk are merged), waits for the ba
 host, and hands the whole batch to a sink, which commits it with one flush:
 
     ChildSink  (writer=process, the default) sends the batch with one writev to a writer process
-               (sink.py), which computes the stats, alone imports h5py, and answers once the batch
-               is committed; this thread holds the GIL for a few microseconds per record, never
+               (sink.py; arrays of 64 KiB or more through a ring of shared memory), which computes
+               the stats, alone imports h5py, and answers once the batch is committed; this thread holds the GIL for a few microseconds per record, never
                across a write. Batches stay in memory until committed: if the writer process cannot
                start or dies, this is said once and capture falls back to writer=thread, writing
                again every batch it had not committed: nothing handed over is lost.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import mmap
 import os
 import re
 import subprocess
@@ -29,6 +30,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from tensortap.capture import frames
 from tensortap.capture.staging import Staged, Stager
@@ -144,6 +147,68 @@ class LocalSink:
         self.recorder.mark_failure(attrs)
 
 
+class _Ring:
+    """Shared memory (a memfd) for large arrays on their way to the writer process: allocated in
+    order, each batch's span reused once the writer process has acknowledged the batch."""
+
+    ALIGN = 64
+
+    def __init__(self, size: int, sink: "ChildSink"):
+        self.fd = os.memfd_create("tensortap-ring", getattr(os, "MFD_CLOEXEC", 0))
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
+        self.buffer = np.frombuffer(self.map, dtype=np.uint8)  # [size]
+        self.size = size
+        self.sink = sink
+        self.head = 0
+        self.spans: collections.deque = collections.deque()  # [batch id, start, end] of unacknowledged batches
+        self.current: list | None = None
+
+    def begin(self, batch_id: int) -> None:
+        self.current = [batch_id, None, None]
+
+    def end(self) -> None:
+        if self.current is not None and self.current[1] is not None:
+            self.spans.append(self.current)
+        self.current = None
+
+    def put(self, array: np.ndarray) -> int | None:
+        """Copy `array` into the ring; its offset, or None (send it inline) when it cannot fit."""
+        need = array.nbytes + (-array.nbytes % self.ALIGN)
+        while True:
+            acked = self.sink._acked
+            while self.spans and self.spans[0][0] <= acked:
+                self.spans.popleft()
+            at = self._fit(need)
+            if at is not None:
+                break
+            if not self.spans or self.sink._gone.is_set():  # no older batch to wait for
+                return None
+            with self.sink._acks:
+                if self.sink._acked == acked and not self.sink._gone.is_set():
+                    self.sink._acks.wait(1.0)
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # [n]
+        self.buffer[at:at + flat.size] = flat
+        if self.current[1] is None:
+            self.current[1] = at
+        self.current[2] = self.head = at + need
+        return at
+
+    def _fit(self, need: int) -> int | None:
+        used = list(self.spans) + ([self.current] if self.current[1] is not None else [])
+        if not used:
+            self.head = 0
+            return 0 if need <= self.size else None
+        tail, head = used[0][1], self.head
+        if tail < head:
+            if head + need <= self.size:
+                return head
+            return 0 if need <= tail else None  # wrap; the gap at the end goes with this batch
+        if tail > head and head + need <= tail:
+            return head
+        return None
+
+
 _REPLY = re.compile(r"([AFEC])(?: (\d+))?(?: (\d+) ?(.*))?")
 
 
@@ -151,6 +216,7 @@ class ChildSink:
     """Batches to a writer process (writer=process); its replies are read by a small thread."""
 
     PIPE_BYTES = 1 << 20
+    RING_BYTES = 64 << 20
 
     def __init__(self, opening: dict, timeout: float = 120.0):
         self.opening = opening
@@ -163,14 +229,25 @@ class ChildSink:
         self._unacked: collections.deque = collections.deque()  # (batch id, jobs, arrays, totals)
         self._batch_id = 0
         self._acked = 0  # last batch id it committed
+        self._acks = threading.Condition()
+        self._ring: _Ring | None = None
         self._flushed = threading.Condition()
         self._flush_id = self._flush_acked = 0
         self._closed = threading.Event()  # it answered the close
         self._gone = threading.Event()  # its output ended: it exited
         self._fd = -1
         try:
+            self._ring = _Ring(self.RING_BYTES, self) if hasattr(os, "memfd_create") else None
+        except OSError:
+            self._ring = None  # no shared memory: every array travels in the pipe
+        if self._ring is not None:
+            opening = dict(opening, ring={"fd": self._ring.fd, "bytes": self._ring.size})
+        options = self._popen_options()
+        if self._ring is not None:
+            options["pass_fds"] = tuple(options.get("pass_fds", ())) + (self._ring.fd,)
+        try:
             self.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, close_fds=True, **self._popen_options())
+                                            stderr=subprocess.STDOUT, close_fds=True, **options)
         except (OSError, ValueError) as exc:
             self.process = None
             self._notes.append(f"could not be started ({one_line(exc)})")
@@ -200,7 +277,9 @@ class ChildSink:
                 continue
             kind, number = match.group(1), match.group(2)
             if kind == "A":
-                self._acked = int(number)
+                with self._acks:
+                    self._acked = int(number)
+                    self._acks.notify_all()
             elif kind == "F":
                 with self._flushed:
                     self._flush_acked = int(number)
@@ -213,6 +292,8 @@ class ChildSink:
         self._gone.set()
         with self._flushed:
             self._flushed.notify_all()
+        with self._acks:
+            self._acks.notify_all()
 
     # -- what the writer thread calls ---------------------------------------------------------------------
     def write_batch(self, jobs: list, arrays: list, totals: dict) -> None:
@@ -221,8 +302,15 @@ class ChildSink:
         self._unacked.append((self._batch_id, jobs, arrays, totals))  # until it says the batch is committed
         self._check()
         records = [(_json(job.meta).encode(), job.full, held) for job, held in zip(jobs, arrays)]
+        if self._ring is not None:
+            self._ring.begin(self._batch_id)
         try:
-            frames.write_all(self._fd, frames.batch_pieces(self._batch_id, totals, records))
+            pieces = frames.batch_pieces(self._batch_id, totals, records, self._ring)
+        finally:
+            if self._ring is not None:
+                self._ring.end()
+        try:
+            frames.write_all(self._fd, pieces)
         except OSError:  # broken pipe: it died
             self._raise_gone()
 
@@ -299,6 +387,11 @@ class ChildSink:
         raise SinkGone(self.death())
 
     def _shut(self) -> None:
+        if self._ring is not None:
+            try:
+                os.close(self._ring.fd)  # the mapping stays until the last batch is gone
+            except OSError:
+                pass
         if self.process is None:
             return
         try:
