@@ -104,6 +104,8 @@ RECORD_FIELDS = (
     Field("group_dcp_rank", "int"),
     Field("group_dcp_size", "int"),
     Field("kv_dcp_size", "int"),
+    Field("kv_dcp_rank", "int"),  # the cache writer's rank in its DCP group (integrations: its block table)
+    Field("kv_dcp_source", "str", choices=("block_table", "group")),  # where kv_dcp_size was read
     Field("interleave", "int"),
     Field("dcp_comm_backend", "str"),
     Field("dcp_q_replicate", "bool"),
