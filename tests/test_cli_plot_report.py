@@ -1,7 +1,6 @@
 """tensortap plot and tensortap report: figures from full and stats dumps, one colour per rank, runs
 side by side on one scale, and a styled self-contained report with a figure per verdict."""
 
-import dataclasses
 import re
 
 import matplotlib
@@ -13,28 +12,18 @@ from tensortap import plot
 matplotlib.use("Agg")
 
 
-def stats_rank(rank, world_size, scenario, tap_dir):
-    """One rank of the bug scenario captured with mode=stats (no tensors, only their stats)."""
-    from tensortap.mla.model import ProcessGroups
-    from tensortap.mla.scenario import Scenario, run_decode
-
-    scn = Scenario(**scenario)
-    groups = ProcessGroups.build(scn.dcp)
-    tensortap.configure(dir=tap_dir, mode="stats")
-    try:
-        run_decode(scn, groups, "cpu")
-    finally:
-        tensortap.close()
-
-
 @pytest.fixture(scope="module")
-def stats_dump(tmp_path_factory):
-    from tensortap.distributed import spawn
-    from tensortap.mla.scenario import Scenario
+def stats_dump(tmp_path_factory, dumps):
+    """The session's bug dump captured again, record by record through the public tap API, with mode=stats:
+    no tensors, only their stats (what a server's cheap capture keeps)."""
+    from tensortap.format import schema
 
     target = str(tmp_path_factory.mktemp("stats") / "bug")
-    scn = Scenario(steps=1, spec_tokens=1)
-    spawn(stats_rank, scn.ranks, kwargs=dict(scenario=dataclasses.asdict(scn), tap_dir=target), timeout=300)
+    tensortap.configure(dir=target, mode="stats")
+    with tensortap.open(dumps["bug"]) as d:
+        for rec in sorted(d, key=lambda rec: (rec.rank, rec.meta["seq"])):
+            tensortap.point(rec.name, rec.tensor(), **{k: v for k, v in rec.meta.items() if k not in schema.SYSTEM_FIELDS})
+    tensortap.close()
     return target
 
 
@@ -75,6 +64,7 @@ def test_plot_draws_from_a_stats_dump(stats_dump, tmp_path, cli):
     data = plot.read_forward(d.select(step=0, role="draft", spec_pos=0))
     assert data.stats_only and sorted(data.norms) == [0, 1, 2, 3]
     assert data.norms[0][1].all() and all(not data.norms[r][1].any() for r in (1, 2, 3)), "zero heads from stats"
+    assert sorted(data.hidden_hash) == [0, 1, 2, 3] and len(set(data.hidden_hash.values())) == 1, "consensus hash"
     full = plot.read_forward(tensortap.open(stats_dump).select(step=0, role="target"))
     assert all(norms.all() for _, norms in full.norms.values())
     target = tmp_path / "stats.png"
@@ -112,7 +102,7 @@ def test_report_is_styled_self_contained_html(dumps, tmp_path, cli):
 
 def test_a_clean_report_has_an_overview_figure(dumps, tmp_path, cli):
     target = tmp_path / "clean.html"
-    code, _, _ = cli(["report", dumps["dcp4"], "-o", target])
+    code, _, _ = cli(["report", dumps["dcp4"], "-o", target, "--no-oracle"])
     page = target.read_text()
     assert code == 0 and "clean</b>: no findings" in page and "<h2>Overview</h2>" in page
     assert page.count("data:image/png;base64,") == 2, "one overview figure per role"
