@@ -105,10 +105,6 @@ class Selection:
     def given(self) -> list[tuple[str, str, object]]:
         return [(opt, key, getattr(self, name)) for opt, name, key in self.ORDER if getattr(self, name) is not None]
 
-    def describe(self) -> str:
-        """`step 0, role draft`, or `the dump` when nothing was given."""
-        return ", ".join(f"{key.replace('_', ' ')} {value}" for _, key, value in self.given()) or "the dump"
-
     def apply(self, dump, point: str | None = None, where: str = ""):
         """The records of `dump` matching every given option (and `point`, a point or a full name).
 
