@@ -389,9 +389,10 @@ class ChildSink:
     def _shut(self) -> None:
         if self._ring is not None:
             try:
-                os.close(self._ring.fd)  # the mapping stays until the last batch is gone
+                os.close(self._ring.fd)
             except OSError:
                 pass
+            self._ring = None  # its memory goes with the mapping
         if self.process is None:
             return
         try:
