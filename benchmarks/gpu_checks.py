@@ -4,7 +4,7 @@
 
 1. NCCL DCP4: the reference (glm5 sizes, bf16) on 4 GPUs, bug and fixed draft config: all-zero
    heads per rank, whether hidden is bit-identical across ranks, and the verdict of `check`.
-2. CUDA graphs: a graph captured with tap points inside replays correctly; the points are skipped.
+2. CUDA graphs: a graph captured with a tap point inside replays correctly and records the replay.
 3. Capture overhead on one GPU: median decode step (target + 2 draft passes, glm5, bf16, TP1)
    with TAP off, stats mode and full capture of one layer and of both (DESIGN: full <= 15%,
    stats <= 3% for one layer).
@@ -48,6 +48,7 @@ def nccl_rows() -> list[tuple]:
 
 
 def graph_row() -> tuple:
+    """A graph captured with a tap point inside: the replay is correct and records the replayed values."""
     tap = tempfile.mkdtemp(prefix="graph-")
     tensortap.configure(dir=tap)
     static_in = torch.randn(1024, device="cuda")
@@ -57,14 +58,17 @@ def graph_row() -> tuple:
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         static_out = static_in * 3
-        tensortap.point("layers.0.attn.hidden", static_out, step=0)
+        tensortap.point("layers.0.attn.hidden", static_out)
     static_in.fill_(2.0)
-    graph.replay()
+    with tensortap.scope(step=5):
+        graph.replay()
     torch.cuda.synchronize()
     correct = bool((static_out == 6.0).all())
-    counters = tensortap.stats()
     tensortap.close()
-    return correct, counters["graph_skipped"], counters["errors"]
+    counters = tensortap.stats()
+    d = tensortap.open(tap)
+    recorded = len(d) == 1 and d.steps == [5] and bool((d.get("hidden") == 6.0).all())
+    return correct, recorded, counters["graph_skipped"], counters["errors"]
 
 
 def step_times(runner: DecodeRunner, steps: int) -> list[float]:
@@ -139,8 +143,8 @@ def main() -> None:
     if torch.cuda.device_count() >= 4:
         table("NCCL DCP4 (glm5, bf16, 4 GPUs)", ("draft config", "role", "zero heads/rank", "hidden identical",
                                                   "check", "seconds"), nccl_rows())
-    correct, skipped, errors = graph_row()
-    table("CUDA graph with tap points inside", ("replay correct", "points skipped", "errors"), [(correct, skipped, errors)])
+    table("CUDA graph with a tap point inside", ("replay correct", "replayed value recorded", "points skipped", "errors"),
+          [graph_row()])
     table("capture overhead per decode step (glm5, bf16, 1 GPU; modes interleaved in rounds)",
           ("TAP", "median ms", "IQR ms", "x off"), overhead_rows(args.steps))
 

@@ -26,39 +26,56 @@ HASH_MODULUS = 65521
 _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NO_ABSMAX = (torch.uint8, torch.bool)
 _weights: dict[torch.device, torch.Tensor] = {}  # the longest weight vector made per device
+_bounds_cache: dict = {}
 
 
 def parts(tensor: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
-    """The stats parts of `tensor` at tap point `point` (see the module docstring), on its device."""
+    """The stats parts of `tensor` at tap point `point` (see the module docstring), on its device.
+    Few kernels a point: the eager caller pays one launch each; a graph replays them."""
     out: dict[str, torch.Tensor] = {}
     if point in vocab.ROW_POINTS:
         out["stats:hash"] = consensus_hash(tensor)  # [1]
     if tensor.numel() == 0:
         return out
     if tensor.is_floating_point():
-        x = tensor if tensor.dtype == torch.float64 else tensor.float()  # [...], exact for bf16/fp16/fp8
+        x = tensor.float() if tensor.element_size() == 1 else tensor  # float8 -> float32, exact
         out["stats:scalars"] = float_scalars(x)  # [4]
         if point in vocab.HEAD_POINTS and x.dim() == 3:
             out["stats:norm"] = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).float()  # [T, H]
             out["stats:zeros"] = (x == 0).sum(dim=-1, dtype=torch.int32)  # [T, H]
     elif tensor.dtype not in _NO_ABSMAX:
-        absmax = tensor.abs().max().to(torch.float64)  # []
-        out["stats:scalars"] = torch.cat([absmax.new_zeros(3), absmax.view(1)])  # [4]
+        absmax = tensor.abs().max().to(torch.float64).view(1)  # [1]
+        out["stats:scalars"] = torch.nn.functional.pad(absmax, (3, 0))  # [4] = (0, 0, 0, absmax)
         if point in vocab.INDEX_POINTS and tensor.dim() == 2:
             out["stats:valid"] = (tensor >= 0).sum(dim=-1, dtype=torch.int32)  # [T]
     return out
 
 
 def float_scalars(x: torch.Tensor) -> torch.Tensor:
-    """(nan, posinf, neginf, absmax over finite values) of a float32/float64 tensor, as f64 [4]."""
-    a = x.abs()  # [...]; NaN stays NaN, -inf becomes +inf
-    nan = torch.isnan(x).sum()  # []
-    inf = a == float("inf")  # [...]
-    posinf = (inf & (x > 0)).sum()  # []
-    neginf = inf.sum() - posinf  # []
-    finite_abs = torch.where(torch.isfinite(x), a, torch.zeros((), dtype=x.dtype, device=x.device))  # [...]
-    counts = torch.stack([nan, posinf, neginf]).to(torch.float64)  # [3]
-    return torch.cat([counts, finite_abs.max().to(torch.float64).view(1)])  # [4]
+    """(nan, posinf, neginf, absmax over finite values) of a float tensor, as f64 [4].
+
+    bucket(x) = #{b in (-inf, max finite, +inf) : b < x}: 0 for -inf, 1 finite, 2 +inf, 3 NaN (no
+    comparison holds); one histogram of the buckets counts all three at once."""
+    if x.element_size() == 1:  # float8: no infinity to compare with; float32 holds every value exactly
+        x = x.float()  # [...]
+    buckets = torch.bucketize(x, _bounds(x.dtype, x.device))  # [...] in 0..3
+    counts = torch.histc(buckets.to(torch.float64), bins=4, min=0, max=3)  # [4]: -inf, finite, +inf, NaN
+    absmax = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0).amax().to(torch.float64)  # []: finite values only
+    return torch.stack([counts[3], counts[2], counts[0], absmax])  # [4]
+
+
+def _bounds(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(-inf, largest finite, +inf) in `dtype` on `device` [3], made by kernels (no host copy: a graph
+    capture may be in progress) and cached outside captures."""
+    key = (dtype, torch.device(device))
+    b = _bounds_cache.get(key)
+    if b is None:
+        b = torch.full((3,), float("inf"), dtype=dtype, device=device)  # [3]
+        b[0:1].fill_(float("-inf"))  # fill kernels: an element assignment would copy from the host
+        b[1:2].fill_(torch.finfo(dtype).max)
+        if not (b.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _bounds_cache[key] = b
+    return b
 
 
 def consensus_hash(tensor: torch.Tensor) -> torch.Tensor:

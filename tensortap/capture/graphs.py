@@ -64,6 +64,7 @@ class Registry:
         self._counters = counters
         self._graphs: dict[int, GraphSlots] = {}
         self._local = threading.local()
+        self.active = 0  # captures in progress (any thread): points look for their graph only then
         self._index = itertools.count()
 
     # -- capture ---------------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class Registry:
         self.forget(id(graph))
         entry = self._graphs[id(graph)] = GraphSlots(next(self._index))
         self._local.capturing = entry
+        self.active += 1
         try:
             weakref.finalize(graph, self.forget, id(graph))
         except TypeError:  # a class without weak references: its slots live as long as the tap
@@ -98,7 +100,9 @@ class Registry:
     def end(self, graph) -> None:
         """capture_end: freeze the drain plan (outside the capture: the pads are ordinary tensors)."""
         entry = self._graphs.get(id(graph))
-        self._local.capturing = None
+        if getattr(self._local, "capturing", None) is not None:
+            self._local.capturing = None
+            self.active -= 1
         if entry is None or not entry.slots:
             return
         views, offset = [], 0

@@ -45,21 +45,24 @@ log = logging.getLogger("tensortap")
 PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 MAX_NDIM = 8
 _NULL_SCOPE = contextlib.nullcontext()
-_FORWARD = ("step", "role", "rank")  # call metadata that changes the per-scope filter verdict
+_FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
 _UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
 _DROP = object()
+_SCALARS = (int, str, float, bool)
+field_problem = schema.field_problem
 
 
 class ScopeState:
     """What a scope computed once for every point inside it."""
 
-    __slots__ = ("meta", "tensors", "rank", "world", "keeps")
+    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked")
 
-    def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool):
+    def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool, checked: bool = True):
         self.meta = meta  # validated host metadata, merged over the enclosing scopes
         self.tensors = tensors  # "meta:<key>" -> snapshot of a device tensor given to the scope
         self.rank, self.world = rank, world
         self.keeps = keeps  # Filter.keeps_forward(step, rank, role)
+        self.checked = checked  # False: a rejected scope whose other keys were not validated (nothing to record)
 
 
 _scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
@@ -79,6 +82,7 @@ class Tap:
         self._bytes_accepted = 0
         self._seq = itertools.count()
         self._names: dict[str, tuple] = {}  # name -> (layer, point, keeps_point) or (None, None, problem)
+        self._valid: set = set()  # (key, type, scalar value) the schema accepted
         self._rank: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -94,9 +98,27 @@ class Tap:
 
     # -- per scope ------------------------------------------------------------------------------------
     def enter(self, raw: dict, parent: ScopeState | None) -> ScopeState:
-        """The state of a scope with metadata `raw` inside `parent`: validated once, filtered once."""
+        """The state of a scope with metadata `raw` inside `parent`: validated once, filtered once. A scope
+        the filter rejects (outside a graph capture) validates only step, role and rank."""
         meta = dict(parent.meta) if parent is not None else {}
         tensors = dict(parent.tensors) if parent is not None else {}
+        if parent is not None and not parent.checked:
+            for key in list(meta):
+                self._set_checked(meta, key, meta.pop(key))
+        capturing = self.graphs.active and self.graphs.capturing() is not None
+        if not capturing and not _FORWARD.isdisjoint(raw):
+            trial = dict(meta)
+            for key in _FORWARD.intersection(raw):  # a bad value counts once, below
+                value = raw[key].item() if isinstance(raw[key], np.generic) else raw[key]
+                if field_problem(key, value) is None:
+                    trial[key] = value
+                else:
+                    trial.pop(key, None)
+            rank, world = self.rank_and_world(trial)
+            if not self.filter.keeps_forward(trial.get("step"), rank, trial.get("role")):
+                self._note_rejected(trial.get("step"), trial.get("role"), rank)
+                meta.update(raw)
+                return ScopeState(meta, tensors, rank, world, False, checked=False)
         given = []
         for key, value in raw.items():
             tensors.pop("meta:" + key, None)
@@ -111,11 +133,9 @@ class Tap:
                 meta[key] = value
         rank, world = self.rank_and_world(meta)
         keeps = self.filter.keeps_forward(meta.get("step"), rank, meta.get("role"))
-        if not keeps and len(self._seen["steps"]) < 4096:
-            self._seen["steps"].add(meta.get("step"))
-            self._seen["roles"].add(meta.get("role"))
-            self._seen["ranks"].add(rank)
-        if given and (keeps or self.graphs.capturing() is not None):
+        if not keeps:
+            self._note_rejected(meta.get("step"), meta.get("role"), rank)
+        if given and (keeps or capturing):
             for key, value in given:
                 if value.is_cuda:
                     tensors["meta:" + key] = value.detach().clone()  # once per scope; in a graph: a slot
@@ -123,8 +143,24 @@ class Tap:
                     self._set_checked(meta, key, value.tolist())
         return ScopeState(meta, tensors, rank, world, keeps)
 
+    def _note_rejected(self, step, role, rank) -> None:
+        """What the filter saw and rejected, for the message when nothing at all was written."""
+        if len(self._seen["steps"]) < 4096:
+            self._seen["steps"].add(step)
+            self._seen["roles"].add(role)
+            self._seen["ranks"].add(rank)
+
     def _checked(self, key: str, value):
-        """A metadata value as the record schema wants it, or _DROP (an error, reported once per key)."""
+        """A metadata value as the record schema wants it, or _DROP (an error, reported once per key).
+        Scalars already seen valid for a key are not checked again."""
+        kind = type(value)
+        if kind in _SCALARS:
+            if (key, kind, value) in self._valid:  # the type too: True == 1 == 1.0
+                return value
+            if field_problem(key, value) is None:
+                if len(self._valid) < 65536:
+                    self._valid.add((key, kind, value))
+                return value
         if isinstance(value, np.generic):
             value = value.item()
         elif isinstance(value, tuple):
@@ -175,17 +211,21 @@ class Tap:
                             type(exc).__name__, exc)
 
     def _record(self, name: str, tensor, meta: dict) -> None:
-        layer, point, keeps = self.name_info(name)
-        if point is None:
-            raise ValueError(keeps)
-        if keeps is False:
+        layer, point, keeps = self._names.get(name) or self.name_info(name)
+        if keeps is not True:
+            if point is None:
+                raise ValueError(keeps)
             self.excluded += 1
             return
         state = _scope.get() or self.root()
-        entry = self.graphs.capturing()
+        entry = self.graphs.capturing() if self.graphs.active else None
         recorder = self.recorder
+        own = False
         if meta:
-            state = self._with_call_meta(state, meta)
+            if entry is None and not state.keeps and _FORWARD.isdisjoint(meta):
+                self.excluded += 1  # the scope's verdict stands: no work for its points
+                return
+            state, own = self._with_call_meta(state, meta), True
         if entry is None and not state.keeps:
             self.excluded += 1
             return
@@ -196,6 +236,7 @@ class Tap:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() > MAX_NDIM:
             raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
+        _dtype(tensor)  # a dtype the format cannot store fails here, not in the writer
         if entry is not None:
             self._record_in_graph(entry, name, layer, point, tensor, state)
             return
@@ -212,21 +253,42 @@ class Tap:
             if _scope.get() is None:
                 self._end_scope()
             return
-        job_meta = self._job_meta(state, name, layer, point)
+        job_meta = self._job_meta(state, name, layer, point, own)
         self._emit(job_meta, self._tensors(tensor, point, state), tensor, point)
         if _scope.get() is None:
             self.submit_pending()
             self._end_scope()
 
     def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
-        """A point's own metadata over its scope's (validated; its tensors are snapshotted per call)."""
-        merged = self.enter(meta, state)
-        if not any(key in meta for key in _FORWARD):
-            merged.keeps = state.keeps
-        return merged
+        """A point's own metadata over its scope's: validated, its tensors snapshotted per call; rank and
+        filter verdict recomputed only when it sets step, role or rank. Its `meta` is a private copy."""
+        merged, tensors = dict(state.meta), state.tensors
+        for key, value in meta.items():
+            if isinstance(value, torch.Tensor):
+                if tensors is state.tensors:
+                    tensors = dict(tensors)
+                merged.pop(key, None)
+                if value.is_cuda:
+                    tensors["meta:" + key] = value.detach().clone()  # in a graph capture: a slot
+                else:
+                    self._set_checked(merged, key, value.tolist())
+                continue
+            if "meta:" + key in tensors:  # a host value over the scope's tensor of that key
+                tensors = dict(tensors) if tensors is state.tensors else tensors
+                del tensors["meta:" + key]
+            value = self._checked(key, value)
+            if value is _DROP:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        if _FORWARD.isdisjoint(meta):
+            return ScopeState(merged, tensors, state.rank, state.world, state.keeps)
+        rank, world = self.rank_and_world(merged)
+        return ScopeState(merged, tensors, rank, world,
+                          self.filter.keeps_forward(merged.get("step"), rank, merged.get("role")))
 
-    def _job_meta(self, state: ScopeState, name: str, layer: int, point: str) -> dict:
-        meta = dict(state.meta)
+    def _job_meta(self, state: ScopeState, name: str, layer: int, point: str, own: bool = False) -> dict:
+        meta = state.meta if own else dict(state.meta)
         meta["name"], meta["point"], meta["layer"], meta["rank"] = name, point, layer, state.rank
         if "world_size" not in meta:
             meta["world_size"] = state.world
@@ -249,12 +311,12 @@ class Tap:
     def _emit(self, meta: dict, tensors: dict, tensor: torch.Tensor, point: str) -> None:
         """Snapshot the tensor on the caller's thread or stream (parts and scope snapshots are fresh
         tensors already) and deliver the record."""
-        if "data" in tensors:
+        if "data" in tensors:  # the writer takes dtype and shape from the snapshot
             staged = self.stager.stage({"data": tensors.pop("data")})
             staged.tensors.update(tensors)
-        else:
+        else:  # stats parts: the tensor itself never leaves the device
             staged = Staged(tensors, torch.cuda.current_stream(tensor.device))
-        meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
+            meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
         self._deliver(meta, staged, tensor)
 
     def _deliver(self, meta: dict, staged: Staged, tensor: torch.Tensor | None, signal=None) -> None:
@@ -270,10 +332,12 @@ class Tap:
             self.recorder.offer(meta.get("step"), [Job(meta, staged, True)])
             return
         full = self.full and "data" in staged.tensors
-        nbytes = staged.tensors["data"].numel() * staged.tensors["data"].element_size() if full else 0
-        if self._over_budget(nbytes):
-            return
-        self._writer(meta["rank"], meta["world_size"])
+        if self.config.max_bytes is not None:
+            data = staged.tensors["data"] if full else None
+            if self._over_budget(data.numel() * data.element_size() if full else 0):
+                return
+        if self.writer is None:
+            self._writer(meta["rank"], meta["world_size"])
         pending = self._pending()
         pending.append(Job(meta, staged, full))
         if len(pending) >= PENDING_JOBS:

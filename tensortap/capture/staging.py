@@ -44,11 +44,11 @@ class Stager:
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
         """Snapshot `tensors` (all on one device) on the caller's thread or stream."""
+        first = next(iter(tensors.values()), None)
+        if first is None or not first.is_cuda:  # the writer makes it contiguous when it encodes it
+            return Staged({k: (t.detach() if t.requires_grad else t).clone() for k, t in tensors.items()})
         snaps = {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
-        device = next(iter(snaps.values())).device if snaps else torch.device("cpu")
-        if device.type != "cuda":
-            return Staged(snaps)
-        return Staged(snaps, torch.cuda.current_stream(device))
+        return Staged(snaps, torch.cuda.current_stream(first.device))
 
     @staticmethod
     def mark_ready(batch: list[Staged]) -> None:

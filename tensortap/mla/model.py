@@ -278,11 +278,11 @@ def write_rows(buffer: PagedBuffer, slots: torch.Tensor, rows: torch.Tensor) -> 
         return
     flat = buffer.data.view(-1, buffer.data.shape[-1])  # [S, W]
     keep = slots >= 0  # [T]
-    first = torch.argmax(keep.to(torch.int32))  # []: the first kept token (0 if none)
+    first = torch.argmax(keep.to(torch.int32)).view(1)  # [1]: the first kept token (0 if none)
     any_kept = keep.any()  # []
     rows = rows.to(flat.dtype)  # [T, W]
-    target = torch.where(keep, slots.long(), torch.where(any_kept, slots[first].long(), 0))  # [T]
-    fallback = torch.where(any_kept, rows[first], flat[0])  # [W]
+    target = torch.where(keep, slots.long(), torch.where(any_kept, slots.index_select(0, first).long(), 0))  # [T]
+    fallback = torch.where(any_kept, rows.index_select(0, first), flat[:1])  # [1, W]
     flat.index_put_((target,), torch.where(keep[:, None], rows, fallback))  # [T, W] written
 
 

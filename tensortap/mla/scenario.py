@@ -43,6 +43,8 @@ class Scenario:
     target_layer: int = 77
     draft_layer: int = 78
     dtype: str = "float32"
+    cuda_graph: bool = False  # capture the whole step (target + draft passes) once, replay it per step
+    static_shapes: bool = False  # the graph's sync-free code path, run eagerly (cuda_graph implies it)
 
     def __post_init__(self):
         if self.cfg.block_size % self.interleave:
@@ -104,10 +106,24 @@ def prefill(layer: MLALayer, scn: Scenario, block_table: torch.Tensor, groups: P
 
 
 class DecodeRunner:
-    """This rank's layers, caches and block table after prefill; `step(s)` decodes step s."""
+    """This rank's layers, caches and block table after prefill; `step(s)` decodes step s.
+
+    With `scn.cuda_graph`, the first step captures the whole step (target and draft passes, the
+    tap's slots included) into one CUDA graph, after one eager warm-up pass (phase "warmup"; the
+    capture itself is phase "capture"); every step then copies its positions and input hidden
+    state into the graph's static inputs and replays it inside scope(step=s, phase="run"). The
+    batch shape is fixed by the scenario, so one graph serves every step. `static_shapes` runs
+    the same sync-free code eagerly: the reference to compare a replayed dump with."""
 
     def __init__(self, scn: Scenario, groups: ProcessGroups, device="cpu"):
+        if scn.cuda_graph and not str(device).startswith("cuda"):
+            raise ValueError(f"cuda_graph needs a CUDA device, not {device!r}")
         self.scn, self.groups, self.device = scn, groups, device
+        self.static = scn.cuda_graph or scn.static_shapes
+        interleave = scn.interleave
+        self.index_width = (math.ceil(scn.max_len / (groups.dcp_size * interleave)) * interleave
+                            if self.static else None)  # >= every local length of the run
+        self.graph = None
         self.dtype = getattr(torch, scn.dtype)
         table, num_blocks = allocate_block_table(scn, groups.dcp_size, groups.tp_rank)
         self.block_table = table.to(device)  # [R, nb]
@@ -121,22 +137,64 @@ class DecodeRunner:
 
     def step(self, step: int, collect: bool = False) -> list[dict]:
         """The target pass, then `spec_tokens` recursive draft passes; with `collect`, each pass's tensors."""
-        scn, groups = self.scn, self.groups
+        if self.scn.cuda_graph:
+            if collect:
+                raise ValueError("collect needs eager steps: a replayed graph runs no Python")
+            self._replay(step)
+            return []
         positions = self.prompts + step  # [R]
+        hidden_in = step_hidden(self.scn, step).to(device=self.device, dtype=self.dtype)  # [R, C]
+        return self._passes(step, positions, hidden_in, collect)
+
+    def _passes(self, step: int, positions: torch.Tensor, hidden_in: torch.Tensor, collect: bool = False,
+                on_device: bool = False) -> list[dict]:
+        """Every pass of a step from positions [R] (host, or device with `on_device`) and hidden_in [R, C]."""
+        scn, groups = self.scn, self.groups
         forwards = [("target", self.target, None, positions)]
         forwards += [("draft", self.draft, j, positions + j) for j in range(scn.spec_tokens)]
-        hidden_in = step_hidden(scn, step).to(device=self.device, dtype=self.dtype)  # [R, C]
         trace = []
         for role, layer, spec_pos, pos in forwards:
-            meta = DecodeMetadata.build(pos, self.block_table, scn.cfg.block_size, groups.dcp_size, groups.dcp_rank,
-                                        scn.interleave)
-            record = dict(role=role, step=step, spec_pos=spec_pos, positions=pos, hidden_in=hidden_in.cpu())
+            build = DecodeMetadata.build_on_device if on_device else DecodeMetadata.build
+            extra = (self.index_width,) if on_device else ()
+            meta = build(pos, self.block_table, scn.cfg.block_size, groups.dcp_size, groups.dcp_rank,
+                         scn.interleave, *extra)
+            if self.static and not on_device:
+                meta.index_width = self.index_width
+            record = dict(role=role, step=step, spec_pos=spec_pos, positions=pos, hidden_in=hidden_in.cpu()) \
+                if collect else None
             with tensortap.scope(step=step, spec_pos=spec_pos):
-                hidden = layer.forward(hidden_in, meta, record if collect else None)  # [R, C]
+                hidden = layer.forward(hidden_in, meta, record)  # [R, C]
             if collect:
                 trace.append(dict(record, hidden=hidden.cpu()))
             hidden_in = rms_norm(hidden)  # recursive MTP: the next draft pass starts from this one
         return trace
+
+    def _replay(self, step: int) -> None:
+        positions = self.prompts + step  # [R]
+        hidden_in = step_hidden(self.scn, step).to(dtype=self.dtype)  # [R, C] on the host
+        if self.graph is None:
+            self._capture(step, positions, hidden_in)
+        self._positions.copy_(positions)  # the graph's static inputs
+        self._hidden.copy_(hidden_in)
+        requests = positions.shape[0]
+        with tensortap.scope(step=step, phase="run", num_tokens=requests, req_ids=list(range(requests))):
+            self.graph.replay()
+
+    def _capture(self, step: int, positions: torch.Tensor, hidden_in: torch.Tensor) -> None:
+        """One eager warm-up on a side stream, then the capture (the same step: the writes it makes
+        to the caches are the ones the first replay makes again)."""
+        self._positions = positions.to(self.device)  # [R]
+        self._hidden = hidden_in.to(self.device)  # [R, C]
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), tensortap.scope(phase="warmup"):
+            self._passes(step, self._positions, self._hidden, on_device=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), tensortap.scope(phase="capture"):
+            self._passes(step, self._positions, self._hidden, on_device=True)
 
 
 def run_decode(scn: Scenario, groups: ProcessGroups, device="cpu", collect: bool = False) -> list[dict]:
