@@ -367,3 +367,51 @@ def test_large_tensors_through_the_shared_ring_round_trip(tap_dir, monkeypatch, 
     for step, (q, pages) in sent.items():
         assert torch.equal(d.get("q", step=step).view(torch.int16), q.view(torch.int16))
         assert torch.equal(d.get("kv_pages", step=step), pages)
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_odd_shapes_stats_mode_and_device_parts(tap_dir, writer):
+    """0-d and empty tensors, bool masks, mode=stats, and stats-only records made of device parts
+    (no "data": what a GPU's mode=stats hands over) all reach the segment as compute() says."""
+    from tensortap.capture.staging import Staged
+    from tensortap.capture.writer import Job
+
+    tensortap.configure(dir=tap_dir, writer=writer, mode="stats")
+    q = torch.randn(1, 3, 8)
+    q[:, 1] = 0
+    with tensortap.scope(step=0, layer=4):
+        tensortap.point("layers.4.attn.lse", torch.tensor(2.5))  # 0-d
+        tensortap.point("layers.4.attn.topk", torch.zeros(0, 4, dtype=torch.int32))
+        tensortap.point("layers.4.attn.q", q)
+    tap = runtime._tap
+    parts = {k: v for k, v in device_stats.parts(q, "q").items()}
+    meta = {"name": "layers.4.attn.q", "point": "q", "layer": 4, "step": 1, "rank": 0, "world_size": 1,
+            "seq": 10_000, "time_ns": 1, "dropped_before": 0, "dtype": "float32", "shape": [1, 3, 8]}
+    tap.writer.submit([Job(meta, Staged(parts), False)])
+    assert tensortap.flush(timeout=60)
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert len(d) == 4 and not any(r.stored for r in d)
+    host, device = d.record("q", step=0), d.record("q", step=1)
+    expected, array = stats.compute(q.numpy(), "float32", "q", keep_arrays=True)
+    for rec in (host, device):
+        assert rec.stats == expected and rec.stats["zero_heads"] == 1
+        assert np.array_equal(rec.stats_array()["zeros"], array["zeros"])
+    assert d.record("lse").stats["absmax"] == 2.5 and d.record("topk").stats == {"nonfinite": 0}
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_odd_shapes_round_trip_in_full_mode(tap_dir, writer):
+    tensors = {"lse": torch.tensor(-1.5), "topk": torch.zeros(0, 4, dtype=torch.int32),
+               "kv_pages": torch.tensor([[True, False, True]]), "hidden": torch.full((1, 1), float("nan"))}
+    tensortap.configure(dir=tap_dir, writer=writer)
+    with tensortap.scope(step=0, layer=4):
+        for point, tensor in tensors.items():
+            tensortap.point(f"layers.4.attn.{point}", tensor)
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    for point, tensor in tensors.items():
+        got = d.get(point)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(got, tensor) or (point == "hidden" and torch.isnan(got).all())
+    assert d.record("hidden").stats["nan"] == 1 and "hash" in d.record("hidden").stats
