@@ -52,6 +52,12 @@ def _sanitised(host: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in host)[:64] or "host"
 
 
+def elsewhere(root: dict) -> str | None:
+    """The host that wrote a segment, when it is not this one (its writer cannot be asked)."""
+    host = root.get("host")
+    return host if isinstance(host, str) and host != socket.gethostname() else None
+
+
 def writer_alive(path: str, root: dict | None = None) -> str | None:
     """'pid N on this host' when the `.tmp` segment's writer is alive, else None."""
     if not path.endswith(schema.TMP_SUFFIX):
@@ -61,11 +67,11 @@ def writer_alive(path: str, root: dict | None = None) -> str | None:
         time.sleep(0.1)  # between its last close and its rename, a committing writer holds nothing open
         if current_name(path) != path:
             return None
-        found = _writer(path, root or {})
+        found = _writer(path, root or {}, fresh=True)
     return found
 
 
-def _writer(path: str, root: dict) -> str | None:
+def _writer(path: str, root: dict, fresh: bool = False) -> str | None:
     parsed = parse_name(path) or {}
     local = socket.gethostname()
     host = root.get("host")
@@ -77,7 +83,7 @@ def _writer(path: str, root: dict) -> str | None:
     for pid in (root.get("writer_pid"), parsed.get("pid"), root.get("pid")):
         if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and _alive(pid, opened_ns):
             return f"pid {pid} on this host"
-    holder = _holder(path)
+    holder = _holder(path, fresh)
     return f"pid {holder} on this host" if holder is not None else None
 
 
@@ -121,29 +127,46 @@ def _started_ns(ticks: int) -> int | None:
         return None
 
 
-def _holder(path: str) -> int | None:
-    """A process holding `path` open for writing (from /proc/*/fdinfo), or None; bounded in time."""
+_SNAPSHOT: dict = {"at": -1.0, "holders": {}}
+SNAPSHOT_S = 0.5  # one /proc scan serves every segment of one listing
+
+
+def _holder(path: str, fresh: bool = False) -> int | None:
+    """A process holding `path` open for writing, or None (from a /proc scan shared for SNAPSHOT_S)."""
+    if fresh or time.monotonic() - _SNAPSHOT["at"] > SNAPSHOT_S:
+        _SNAPSHOT["holders"] = _scan_holders()
+        _SNAPSHOT["at"] = time.monotonic()
     try:
-        target = os.path.realpath(path)
-        pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+        return _SNAPSHOT["holders"].get(os.path.realpath(path))
     except OSError:
         return None
+
+
+def _scan_holders() -> dict[str, int]:
+    """{segment path: pid} of every `.tmp` segment some process holds open for writing (/proc/*/fdinfo
+    flags), in at most SCAN_BUDGET_S."""
+    holders: dict[str, int] = {}
+    try:
+        pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+    except OSError:
+        return holders
     deadline = time.monotonic() + SCAN_BUDGET_S
     for pid in pids:
         if time.monotonic() > deadline:
-            return None
+            break
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != target:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if not target.endswith(schema.TMP_SUFFIX):
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
                     flags = next(int(line.split()[1], 8) for line in f if line.startswith(b"flags:"))
             except (OSError, StopIteration, ValueError):
                 continue
             if flags & 3:  # O_WRONLY or O_RDWR
-                return int(pid)
-    return None
+                holders.setdefault(target, int(pid))
+    return holders

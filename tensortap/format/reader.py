@@ -349,6 +349,9 @@ def read_segment(path: str, wait_s: float = LIVE_WAIT_S) -> tuple[SegmentInfo, l
         if writer is not None:
             info.live = True
             info.truncation = f"still being written by {writer}; {info.records} record(s) readable so far"
+        elif live.elsewhere(info.root) and info.truncation.startswith("not closed"):
+            info.truncation = (f"not closed (its writer on host {live.elsewhere(info.root)} was killed, or is still "
+                               f"running there); every flushed record is kept")
         return info, metas
 
 
