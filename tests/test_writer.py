@@ -415,3 +415,20 @@ def test_odd_shapes_round_trip_in_full_mode(tap_dir, writer):
         assert got.dtype == tensor.dtype and got.shape == tensor.shape
         assert torch.equal(got, tensor) or (point == "hidden" and torch.isnan(got).all())
     assert d.record("hidden").stats["nan"] == 1 and "hash" in d.record("hidden").stats
+
+
+def test_a_writer_process_killed_with_batches_in_flight_loses_nothing(tap_dir, caplog):
+    tensortap.configure(dir=tap_dir, writer="process")
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        _capture_steps(range(1))
+        assert tensortap.flush(timeout=60)
+        sink = runtime._tap.writer.sink
+        _capture_steps(range(1, 40))  # handed over, some still in the pipe or being written
+        sink.process.kill()
+        _capture_steps(range(40, 50))
+        assert tensortap.flush(timeout=60)
+        tensortap.close()
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    got = [(r.step, r.meta["spec_pos"]) for r in tensortap.open(tap_dir)]
+    assert set(got) == {(s, k) for s in range(50) for k in range(3)}, "nothing handed over is lost"
+    assert len(got) - len(set(got)) <= 3, "at most the one batch committed in the instant of the kill twice"
