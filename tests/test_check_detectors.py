@@ -181,3 +181,38 @@ def test_a_lonely_row_on_a_rank_that_owns_nothing(copy):
     report = check(path)
     assert not report.errors
     assert {f.code for f in report.findings} == {"lse-nonfinite"} and report.findings[0].ranks == [3]
+
+
+def test_the_verdict_forms_from_a_post_norm_hidden(copy):
+    """A fused all-reduce + RMSNorm records its output as hidden (hidden_kind=post_norm): same verdict."""
+    path = copy("bug")
+    with tensortap.open(path) as d:
+        hidden = [(rec.rank, rec.step, rec.meta.get("spec_pos"), rec.role) for rec in d.iter(point="hidden")]
+    for rank, step, spec_pos, role in hidden:
+        where = dict(rank=rank, step=step, spec_pos=spec_pos, role=role)
+        rewrite_tensor(path, "hidden", lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), **where)
+        rewrite_meta(path, {"hidden_kind": "post_norm"}, point="hidden", **where)
+    report = check(path, use_oracle=False)
+    assert [v.name for v in report.verdicts] == ["laundered consensus"]
+    assert "bit-identical on 4/4 ranks" in report.verdicts[0].explanation
+
+
+def test_queries_computed_under_dcp_q_replicate_may_differ_in_rounding(copy):
+    """dcp_q_replicate: no gather, each rank computed the group's q itself; rounding noise is accepted,
+    a real difference is not."""
+    path = copy()
+    rewrite_meta(path, {"dcp_q_replicate": True}, point="q", **TARGET0)
+
+    def rounding(q):
+        return q * (1 + 3e-7)
+
+    rewrite_tensor(path, "q", rounding, rank=1, **TARGET0)
+    assert run_detector("query-divergence", tensortap.open(path)) == []
+
+    def different(q):
+        q[0, 0, :8] += 1.0
+        return q
+
+    rewrite_tensor(path, "q", different, rank=2, **TARGET0)
+    found = fires(path, "query-divergence", ranks=[0, 2])
+    assert found[0].evidence["dcp_q_replicate"] is True
