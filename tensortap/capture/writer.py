@@ -6,9 +6,10 @@ records; batches that queued up behind a slow disk are merged), waits for the ba
 host, and hands the whole batch to a sink, which commits it with one flush:
 
     ChildSink  (writer=process, the default) sends the batch with one writev to a writer process
-               (sink.py; arrays of 64 KiB or more through a ring of shared memory), which computes
-               the stats, alone imports h5py, and answers once the batch is committed; this thread holds the GIL for a few microseconds per record, never
-               across a write. Batches stay in memory until committed: if the writer process cannot
+               (child.py and sink.py; arrays of 64 KiB or more through a ring of shared memory),
+               which computes the stats, alone imports h5py, and answers once the batch is
+               committed; this thread holds the GIL for a few microseconds per record, never
+               across a write or a copy. Batches stay in memory until committed: if the writer process cannot
                start or dies, this is said once and capture falls back to writer=thread, writing
                again every batch it had not committed: nothing handed over is lost.
     LocalSink  (writer=thread) computes the stats and writes the segment in this thread.
@@ -20,23 +21,16 @@ stops capture; it never reaches the caller.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import mmap
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from tensortap.capture import frames
+from tensortap.capture.child import ChildError, ChildSink, SinkGone, child_sink_env  # noqa: F401  (re-exported)
 from tensortap.capture.staging import Staged, Stager
 from tensortap.format.codecs import encode
-from tensortap.text import as_json, one_line
+from tensortap.text import one_line
 
 log = logging.getLogger("tensortap")
 
@@ -80,17 +74,6 @@ class Counters:
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.FIELDS}
-
-
-class SinkGone(OSError):
-    """The writer process exited (or never started) without reporting a write error."""
-
-
-class ChildError(OSError):
-    """The write error the writer process reported (its message already says what it was)."""
-
-
-_json = json.JSONEncoder(separators=(",", ":"), allow_nan=True, default=as_json).encode
 
 
 def host_arrays(job: Job) -> dict:
@@ -145,274 +128,6 @@ class LocalSink:
 
     def mark_failure(self, attrs: dict) -> None:
         self.recorder.mark_failure(attrs)
-
-
-class _Ring:
-    """Shared memory (a memfd) for large arrays on their way to the writer process: allocated in
-    order, each batch's span reused once the writer process has acknowledged the batch."""
-
-    ALIGN = 64
-
-    def __init__(self, size: int, sink: "ChildSink"):
-        self.fd = os.memfd_create("tensortap-ring", getattr(os, "MFD_CLOEXEC", 0))
-        os.ftruncate(self.fd, size)
-        self.map = mmap.mmap(self.fd, size)
-        self.buffer = np.frombuffer(self.map, dtype=np.uint8)  # [size]
-        self.size = size
-        self.sink = sink
-        self.head = 0
-        self.spans: collections.deque = collections.deque()  # [batch id, start, end] of unacknowledged batches
-        self.current: list | None = None
-
-    def begin(self, batch_id: int) -> None:
-        self.current = [batch_id, None, None]
-
-    def end(self) -> None:
-        if self.current is not None and self.current[1] is not None:
-            self.spans.append(self.current)
-        self.current = None
-
-    def put(self, array: np.ndarray) -> int | None:
-        """Copy `array` into the ring; its offset, or None (send it inline) when it cannot fit."""
-        need = array.nbytes + (-array.nbytes % self.ALIGN)
-        while True:
-            acked = self.sink._acked
-            while self.spans and self.spans[0][0] <= acked:
-                self.spans.popleft()
-            at = self._fit(need)
-            if at is not None:
-                break
-            if not self.spans or self.sink._gone.is_set():  # no older batch to wait for
-                return None
-            with self.sink._acks:
-                if self.sink._acked == acked and not self.sink._gone.is_set():
-                    self.sink._acks.wait(1.0)
-        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # [n]
-        self.buffer[at:at + flat.size] = flat
-        if self.current[1] is None:
-            self.current[1] = at
-        self.current[2] = self.head = at + need
-        return at
-
-    def _fit(self, need: int) -> int | None:
-        used = list(self.spans) + ([self.current] if self.current[1] is not None else [])
-        if not used:
-            self.head = 0
-            return 0 if need <= self.size else None
-        tail, head = used[0][1], self.head
-        if tail < head:
-            if head + need <= self.size:
-                return head
-            return 0 if need <= tail else None  # wrap; the gap at the end goes with this batch
-        if tail > head and head + need <= tail:
-            return head
-        return None
-
-
-_REPLY = re.compile(r"([AFEC])(?: (\d+))?(?: (\d+) ?(.*))?")
-
-
-class ChildSink:
-    """Batches to a writer process (writer=process); its replies are read by a small thread."""
-
-    PIPE_BYTES = 1 << 20
-    RING_BYTES = 64 << 20
-
-    def __init__(self, opening: dict, timeout: float = 120.0):
-        self.opening = opening
-        self.where = opening["dir"]
-        self.timeout = timeout
-        self.error: str | None = None  # the write error it reported ("E")
-        self.persisted: int | None = None  # records it had written when it reported one
-        self.persisted_bytes: int | None = None
-        self._notes: collections.deque = collections.deque(maxlen=8)  # its other output (a traceback)
-        self._unacked: collections.deque = collections.deque()  # (batch id, jobs, arrays, totals)
-        self._batch_id = 0
-        self._acked = 0  # last batch id it committed
-        self._acks = threading.Condition()
-        self._ring: _Ring | None = None
-        self._flushed = threading.Condition()
-        self._flush_id = self._flush_acked = 0
-        self._closed = threading.Event()  # it answered the close
-        self._gone = threading.Event()  # its output ended: it exited
-        self._fd = -1
-        try:
-            self._ring = _Ring(self.RING_BYTES, self) if hasattr(os, "memfd_create") else None
-        except OSError:
-            self._ring = None  # no shared memory: every array travels in the pipe
-        if self._ring is not None:
-            opening = dict(opening, ring={"fd": self._ring.fd, "bytes": self._ring.size})
-        options = self._popen_options()
-        if self._ring is not None:
-            options["pass_fds"] = tuple(options.get("pass_fds", ())) + (self._ring.fd,)
-        try:
-            self.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, close_fds=True, **options)
-        except (OSError, ValueError) as exc:
-            self.process = None
-            self._notes.append(f"could not be started ({one_line(exc)})")
-            self._gone.set()
-            return
-        self._fd = self.process.stdin.fileno()
-        _grow_pipe(self._fd, self.PIPE_BYTES)
-        threading.Thread(target=self._read_replies, name="tensortap-sink-replies", daemon=True).start()
-        try:
-            frames.write_all(self._fd, [frames.control_frame(frames.OPEN, opening)])
-        except OSError:
-            pass  # it died already: the first batch finds out why
-
-    def _command(self) -> list[str]:
-        return [sys.executable, "-m", "tensortap.capture.sink"]
-
-    def _popen_options(self) -> dict:
-        return {"env": child_sink_env()}
-
-    def _read_replies(self) -> None:
-        for line in self.process.stdout:
-            text = line.decode("utf-8", errors="replace").rstrip("\n")
-            match = _REPLY.fullmatch(text)
-            if match is None:
-                if text.strip():
-                    self._notes.append(text.strip())
-                continue
-            kind, number = match.group(1), match.group(2)
-            if kind == "A":
-                with self._acks:
-                    self._acked = int(number)
-                    self._acks.notify_all()
-            elif kind == "F":
-                with self._flushed:
-                    self._flush_acked = int(number)
-                    self._flushed.notify_all()
-            elif kind == "E":
-                self.persisted, self.persisted_bytes = int(number), int(match.group(3) or 0)
-                self.error = match.group(4) or "write error"
-            elif kind == "C":
-                self._closed.set()
-        self._gone.set()
-        with self._flushed:
-            self._flushed.notify_all()
-        with self._acks:
-            self._acks.notify_all()
-
-    # -- what the writer thread calls ---------------------------------------------------------------------
-    def write_batch(self, jobs: list, arrays: list, totals: dict) -> None:
-        self._prune()
-        self._batch_id += 1
-        self._unacked.append((self._batch_id, jobs, arrays, totals))  # until it says the batch is committed
-        self._check()
-        records = [(_json(job.meta).encode(), job.full, held) for job, held in zip(jobs, arrays)]
-        if self._ring is not None:
-            self._ring.begin(self._batch_id)
-        try:
-            pieces = frames.batch_pieces(self._batch_id, totals, records, self._ring)
-        finally:
-            if self._ring is not None:
-                self._ring.end()
-        try:
-            frames.write_all(self._fd, pieces)
-        except OSError:  # broken pipe: it died
-            self._raise_gone()
-
-    def flush(self) -> None:
-        """Returns once the writer process has committed everything sent so far."""
-        self._check()
-        self._flush_id += 1
-        try:
-            frames.write_all(self._fd, [frames.control_frame(frames.FLUSH, {"id": self._flush_id})])
-        except OSError:
-            self._raise_gone()
-        deadline = time.monotonic() + self.timeout
-        with self._flushed:
-            while self._flush_acked < self._flush_id and not self._gone.is_set():
-                if not self._flushed.wait(max(0.0, deadline - time.monotonic())):
-                    raise OSError(f"the writer process did not flush within {self.timeout:.0f} s")
-        if self._flush_acked < self._flush_id:
-            self._raise_gone()
-        self._check()  # an "E" it sent comes before the "F"
-        self._prune()
-
-    def close(self, totals: dict) -> None:
-        self._check()
-        try:
-            frames.write_all(self._fd, [frames.control_frame(frames.CLOSE, {"totals": totals})])
-        except OSError:
-            self._raise_gone()
-        self._gone.wait(self.timeout)  # it answers "C", then exits; or it died
-        if self.error is None and not self._closed.is_set():
-            self._raise_gone()
-        self._shut()
-        if self.error is not None:
-            raise ChildError(self.error)
-
-    def mark_failure(self, attrs: dict) -> None:
-        self._shut()  # the writer process noted the loss itself when it could
-
-    def unacked(self) -> list[tuple[list, list, dict]]:
-        """Batches sent but not committed, in order: what a fallback writes again."""
-        self._prune()
-        return [(jobs, arrays, totals) for _, jobs, arrays, totals in self._unacked]
-
-    def death(self) -> str:
-        """Why it is gone, in words (its exit code and the last thing it printed)."""
-        code = self.process.poll() if self.process is not None else None
-        said = self._notes[-1] if self._notes else ""
-        how = f"exited with code {code}" if code is not None else "is gone"
-        if self.process is None:
-            how = said
-            said = ""
-        return how + (f" ({said})" if said else "")
-
-    # -- helpers -------------------------------------------------------------------------------------------
-    def _prune(self) -> None:
-        acked = self._acked
-        while self._unacked and self._unacked[0][0] <= acked:
-            self._unacked.popleft()
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise ChildError(self.error)
-        if self._gone.is_set() and not self._closed.is_set():
-            self._raise_gone()
-
-    def _raise_gone(self) -> None:
-        self._gone.wait(5.0)  # its last words ("E ...") are read before its output ends
-        if self.error is not None:
-            raise ChildError(self.error)
-        if self.process is not None:
-            try:
-                self.process.wait(5.0)
-            except subprocess.TimeoutExpired:
-                pass
-        raise SinkGone(self.death())
-
-    def _shut(self) -> None:
-        if self._ring is not None:
-            try:
-                os.close(self._ring.fd)
-            except OSError:
-                pass
-            self._ring = None  # its memory goes with the mapping
-        if self.process is None:
-            return
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.process.wait(self.timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def _grow_pipe(fd: int, size: int) -> None:
-    """A bigger pipe (Linux): fewer wake-ups of the writer process per record."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, 1031, size)  # F_SETPIPE_SZ
-    except (ImportError, OSError):
-        pass
 
 
 def make_sink(config, rank: int, identity: dict):
@@ -600,12 +315,3 @@ class Writer:
                                         "records_lost": self.counters.lost, "failed_ns": time.time_ns()})
             except Exception:
                 pass
-
-
-def child_sink_env() -> dict:
-    """The writer process needs this package importable exactly as the server imports it."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("TAP", None)
-    return env
