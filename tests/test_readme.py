@@ -56,8 +56,8 @@ def test_the_capture_example_is_enough_for_the_verdict(dumps):
     assert [(v.name, v.layer, v.role) for v in report.verdicts] == [("laundered consensus", 78, "draft")]
 
 
-# Written by the engineers of serving (docs/serving.md), the flight recorder and crash safety.
-PROMISED = {"docs/serving.md", "docs/flight-recorder.md", "docs/crash-safety.md"}
+# The topic docs other engineers write (serving, flight recorder, crash safety, check, reading).
+PROMISED = {"docs/serving.md", "docs/flight-recorder.md", "docs/crash-safety.md", "docs/check.md", "docs/reading.md"}
 
 
 def links() -> list[str]:
