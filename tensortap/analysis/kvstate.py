@@ -40,8 +40,7 @@ def row_hashes(pages: np.ndarray) -> np.ndarray:
         pages = np.concatenate([pages, np.zeros(pages.shape[:-1] + (pad,), dtype=np.uint8)], axis=-1)  # [P, bs, W+pad]
     words = np.ascontiguousarray(pages).view("<u8")  # [P, bs, W/8]
     weights = _WEIGHTS[np.arange(words.shape[-1]) % len(_WEIGHTS)]  # [W/8]
-    with np.errstate(over="ignore"):
-        return (words * weights).sum(axis=-1, dtype=np.uint64)  # [P, bs]
+    return words @ weights  # [P, bs]: integer matmul wraps mod 2^64 (no BLAS, no temporary)
 
 
 class _Page:
