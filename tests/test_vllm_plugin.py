@@ -302,7 +302,7 @@ def test_filter_rejects_other_layers_and_steps(tapped):
     assert tensortap.stats()["records"] == 0
     tensortap.configure(f"{tapped};steps=1")
     config = V.vllm_config(V.target_parallel())
-    layer = V.make_layer(config, 5)
+    layer = V.make_layer(config, 2)  # a target layer (NUM_LAYERS = 4)
     md, cache = V.make_metadata(), V.make_cache()
     for _ in range(2):
         V.decode(layer, config, md, cache, torch.randn(3, V.HIDDEN))

@@ -68,18 +68,16 @@ def wrap_dsa_attn(original):
     @functools.wraps(original)
     def _sparse_indexer_and_attn(self, *args, **kwargs):
         """DeepseekV32Attention's eager region (indexer, MQA attention, merge, W_UV): attn_out after it.
-        Outside an open forward (a breakable graph's replay runs this region alone) it opens its own."""
+        Outside a tapped forward it only runs; a breakable graph's replay of it opens the layer's forward
+        itself (engine.add_eager)."""
         held = [self, args, kwargs, False]  # [3]: a breakable capture recorded it for replay (engine.add_eager)
         token = EAGER_LAYER.set(held)
         try:
-            if ACTIVE.get() is not None:
-                result = original(self, *args, **kwargs)
-                if not held[3]:  # else each replay of the region records attn_out itself
-                    guarded(_tap_attn_out, ACTIVE.get(), args, kwargs)
-                return result
-            return layers.layer_call("dsa_attn", self, layers.dsa_metadata, args, kwargs,
-                                     lambda: original(self, *args, **kwargs),
-                                     lambda fwd, result: None if held[3] else _tap_attn_out(fwd, args, kwargs))
+            result = original(self, *args, **kwargs)
+            fwd = ACTIVE.get()
+            if fwd is not None and not held[3]:  # else each replay of the region records attn_out itself
+                guarded(_tap_attn_out, fwd, args, kwargs)
+            return result
         finally:
             EAGER_LAYER.reset(token)
 
