@@ -86,7 +86,9 @@ def capture_graph(tokens, width=64, points=("hidden",)):
     with torch.cuda.stream(side):
         _ = static_in * 3  # warm-up outside the capture (not tapped)
     torch.cuda.current_stream().wait_stream(side)
+    assert not tensortap.capturing()
     with torch.cuda.graph(graph), tensortap.scope(step=-1, role="target", phase="capture"):
+        assert tensortap.capturing(), "the integrations' question: is this stream capturing?"
         out = static_in * 3
         for point in points:
             tensortap.point(f"layers.0.attn.{point}", out)

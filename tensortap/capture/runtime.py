@@ -585,9 +585,14 @@ def point(name: str, tensor, **meta) -> None:
     Metadata from the enclosing `scope()` is merged in; `meta` wins. Does nothing when
     the tap is disabled, and never raises into the caller.
     """
-    if _tap is None:
+    tap = _tap
+    if tap is None:
         return
-    _tap.record(name, tensor, meta)
+    info = tap._names.get(name)
+    if info is not None and info[2] is False:  # rejected by its name: one dict lookup
+        tap.excluded += 1
+        return
+    tap.record(name, tensor, meta)
 
 
 class _Scope:
