@@ -122,8 +122,10 @@ def _summary(report: Report) -> str:
         items = "".join(f"<li>{html.escape(x)}</li>" for x in report.errors)
         return (f"<div class='incomplete'><b>check incomplete</b>: {len(report.errors)} detector run(s) failed"
                 f"<ul>{items}</ul></div>")
-    if report.clean:
+    if report.verified:
         return f"<div class='clean'><b>clean</b>: no findings in {report.records} records</div>"
+    if report.clean:  # no findings, but some forwards could not be verified
+        return f"<div class='incomplete'><b>{html.escape(report.status_line())}</b></div>"
     return (f"<p>{len(report.findings)} findings ({errors} errors, {warnings} warnings) in {report.records} records, "
             f"{len(report.verdicts)} verdict(s).</p>")
 
