@@ -85,7 +85,9 @@ class Stager:
                 pieces = []
                 for snap in snaps:  # every snapshot starts 16-byte aligned: views of any dtype work on the host
                     raw = snap.reshape(-1).view(torch.uint8)  # [n]
-                    pieces += [raw, torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device)]
+                    pieces.append(raw)
+                    if raw.numel() % ALIGN:
+                        pieces.append(torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device))
                 packed = torch.cat(pieces)  # [bytes], one kernel
                 pinned = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
                 pinned.copy_(packed, non_blocking=True)

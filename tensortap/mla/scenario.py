@@ -181,16 +181,20 @@ class DecodeRunner:
             self.graph.replay()
 
     def _capture(self, step: int, positions: torch.Tensor, hidden_in: torch.Tensor) -> None:
-        """One eager warm-up on a side stream, then the capture (the same step: the writes it makes
-        to the caches are the ones the first replay makes again)."""
+        """One eager warm-up on a side stream, then the capture. The warm-up's cache writes are undone
+        (the draft passes write positions ahead of the first replay's earlier passes)."""
         self._positions = positions.to(self.device)  # [R]
         self._hidden = hidden_in.to(self.device)  # [R, C]
+        buffers = [b for layer in (self.target, self.draft) for b in (layer.cache, layer.index_cache)]
+        saved = [b.data.clone() for b in buffers]  # [blocks, bs, width] each
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), tensortap.scope(phase="warmup"):
             self._passes(step, self._positions, self._hidden, on_device=True)
         torch.cuda.current_stream().wait_stream(side)
+        for buffer, data in zip(buffers, saved):
+            buffer.data.copy_(data)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), tensortap.scope(phase="capture"):
