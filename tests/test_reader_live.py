@@ -29,7 +29,7 @@ ROUNDS, AT_ONCE = 20, 1
 # segments), flushes after FLUSHED_STEPS steps, says "flushed PID DIR" and keeps capturing until
 # it is killed. Then reaps them and says "reaped".
 ZYGOTE = textwrap.dedent(f"""
-    import os, sys
+    import os, sys, time
     import torch
     import tensortap
     torch.set_num_threads(1)
@@ -45,6 +45,8 @@ ZYGOTE = textwrap.dedent(f"""
                         tensortap.point("layers.0.attn.q", torch.ones(2, 4, 8))
                         tensortap.point("layers.0.attn.lse", torch.zeros(2, 4))
                     step += 1
+                    if directory.endswith("-steady") and step > {FLUSHED_STEPS}:
+                        time.sleep(0.01)  # a steady writer, not a flood
                     if step == {FLUSHED_STEPS}:
                         tensortap.flush()
                         os.write(1, f"flushed {{os.getpid()}} {{directory}}\\n".encode())
@@ -93,6 +95,21 @@ def test_sigkill_while_capturing_then_read_at_once(zygote, tmp_path):
             live_seen += read_at_once(directory)
         assert zygote.stdout.readline() == "reaped\n"
     print(f"segments seen still being written: {live_seen} in {ROUNDS} rounds")
+
+
+def test_ls_and_check_while_a_writer_keeps_writing(zygote, tmp_path, cli):
+    directory = str(tmp_path / "busy-steady")
+    zygote.stdin.write(f"go {directory}\n")
+    line = zygote.stdout.readline()
+    assert line.startswith("flushed "), line
+    try:
+        for _ in range(5):  # the tapping process lives: segments rotate and grow under the reader
+            assert read_at_once(directory) <= 1
+            code, out, err = cli(["ls", directory])
+            assert code == 0 and err == "", err
+    finally:
+        os.kill(int(line.split()[1]), signal.SIGKILL)
+    assert zygote.stdout.readline() == "reaped\n"
 
 
 def forged_tmp(path: str, records: int, root: dict | None = None) -> str:
