@@ -83,10 +83,7 @@ class Record:
         Stats mode stores it; full mode derives it from the stored tensor the same way."""
         stored = self._dump._reader(self._path).read_stats(self.meta)
         if stored is None and self.stored:
-            try:
-                from tensortap.format.stats import compute
-            except ImportError:  # before the stats moved next to the format
-                from tensortap.capture.stats import compute
+            from tensortap.format.stats import compute
 
             return compute(self.raw(), self.dtype, self.point, keep_arrays=True)[1]
         return stored

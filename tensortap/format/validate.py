@@ -338,7 +338,8 @@ def unencodable(value, where: str = "") -> str | None:
 
 # Fields a record cannot do without; a null in any of them is malformed (elsewhere null means absent).
 REQUIRED = ("seq", "name", "point", "dtype", "shape")
-STATS_FLOATS = ("absmax",)
+STATS_FLOATS = ("absmax",)  # >= 0 (NaN fails the comparison)
+STATS_INTS = ("hash",)  # the consensus hash of row points: any int64
 
 
 def _is_int(value) -> bool:
@@ -390,13 +391,15 @@ def check_meta(path: str, meta: dict, what: str, root_rank=None) -> dict:
             raise bad(key, f"is negative ({meta[key]})")
     for key, value in meta.get("stats", {}).items():
         if key in schema.INT_STATS:
-            ok = _is_int(value) and value >= 0
+            ok, kind = _is_int(value) and value >= 0, "count"
+        elif key in STATS_INTS:
+            ok, kind = _is_int(value), "integer"
         elif key in STATS_FLOATS:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, "magnitude"
         else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value, "number"
         if not ok:
-            raise bad(f"stats.{key}", f"is not a {'count' if key in schema.INT_STATS else 'number'} ({value!r})")
+            raise bad(f"stats.{key}", f"is not a {kind} ({value!r})")
     for key, value in meta.items():
         if isinstance(value, float) and schema.FIELDS.get(key) is not None and not math.isfinite(value):
             raise bad(key, f"is not finite ({value!r})")
