@@ -286,31 +286,8 @@ class Dump:
     def losses(self):
         """pandas DataFrame, one row per (run, rank): the writers' running totals (schema.LOSS_TOTALS:
         records, bytes, dropped, over_budget, lost, errors, graph_skipped), <NA> where no segment of
-        that writer recorded them. A rank's writer runs are summed; a writer run's totals are the
-        largest any of its segments holds (they only grow)."""
-        import pandas as pd
-
-        by_writer: dict[tuple, dict] = {}
-        for seg in self.segments:
-            rank = seg.root.get("rank")
-            if rank is None:
-                continue
-            key = (self._source.run_of.get(seg.path, ""), run_ids.writer_key(seg), rank)
-            totals = by_writer.setdefault(key, {})
-            for name in schema.LOSS_TOTALS:
-                value = seg.root.get(name)
-                if value is not None:
-                    totals[name] = max(totals.get(name, 0), value)
-        rows: dict[tuple, dict] = {}
-        for (run, _writer, rank), totals in by_writer.items():
-            row = rows.setdefault((run, rank), {"run": run, "rank": rank})
-            for name, value in totals.items():
-                row[name] = row.get(name, 0) + value
-        frame = pd.DataFrame([rows[k] for k in sorted(rows, key=lambda k: (str(k[0]), k[1]))],
-                             columns=["run", "rank", *schema.LOSS_TOTALS])
-        for name in schema.LOSS_TOTALS:
-            frame[name] = frame[name].astype("Int64")
-        return frame
+        that writer recorded them (runs.losses)."""
+        return run_ids.losses(self.segments, self._source.run_of)
 
     @property
     def dropped(self) -> dict[int, int]:

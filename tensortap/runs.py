@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from tensortap.errors import SelectionError
+from tensortap.format import schema
 from tensortap.format.live import parse_name
 from tensortap.format.reader import SegmentInfo
 from tensortap.text import span
@@ -117,3 +118,31 @@ def choose(runs: list[Run], wanted: str | None, where: str) -> set[str] | None:
         what = "matches several runs" if matches else "matches no run"
         raise SelectionError(f"run {wanted!r} {what} of {where}; it holds {listing}")
     return {matches[0].id}
+
+
+def losses(segments: list[SegmentInfo], run_of: dict[str, str]):
+    """pandas DataFrame, one row per (run, rank), of the writers' totals (schema.LOSS_TOTALS; <NA> where
+    no segment of that writer recorded them). A writer run's totals are the largest any of its segments
+    holds (they only grow, flush by flush); the writer runs of one rank in one run are summed."""
+    import pandas as pd
+
+    by_writer: dict[tuple, dict] = {}
+    for seg in segments:
+        rank = seg.root.get("rank")
+        if rank is None:
+            continue
+        totals = by_writer.setdefault((run_of.get(seg.path, ""), writer_key(seg), rank), {})
+        for name in schema.LOSS_TOTALS:
+            value = seg.root.get(name)
+            if value is not None:
+                totals[name] = max(totals.get(name, 0), value)
+    rows: dict[tuple, dict] = {}
+    for (run, _writer, rank), totals in by_writer.items():
+        row = rows.setdefault((run, rank), {"run": run, "rank": rank})
+        for name, value in totals.items():
+            row[name] = row.get(name, 0) + value
+    frame = pd.DataFrame([rows[k] for k in sorted(rows, key=lambda k: (str(k[0]), k[1]))],
+                         columns=["run", "rank", *schema.LOSS_TOTALS])
+    for name in schema.LOSS_TOTALS:
+        frame[name] = frame[name].astype("Int64")
+    return frame

@@ -44,14 +44,6 @@ class SegmentInfo:
     def truncated(self) -> bool:
         return not self.committed
 
-    @property
-    def run(self) -> str:
-        """The writer run that wrote it: its run_id, or host-pid-start for segments from before run ids."""
-        run_id = self.root.get("run_id")
-        if run_id:
-            return str(run_id)
-        return f"{self.root.get('host', '?')}-{self.root.get('pid', '?')}-{self.root.get('start_time_ns', 0)}"
-
 
 def is_segment(path: str) -> bool:
     return path.endswith(schema.SUFFIX) or path.endswith(schema.TMP_SUFFIX)
