@@ -2,7 +2,8 @@
 
 `python -m tensortap.capture.sink` is the writer process a tapped server starts (writer=process):
 it reads frames (frames.py) on stdin, and for each batch computes every record's stats, writes the
-records and commits the batch (one flush), then answers "A <batch id>". It is the only code of
+records and commits the batch (one flush; batches that queued up in the pipe while it was busy
+share one, up to 64 records), then answers "A <last batch id>". It is the only code of
 such a capture that imports h5py, and it runs outside the server's GIL. End of input (the server
 exited or was SIGKILLed) commits and closes the open segment. A write error is reported once
 ("E <records> <bytes> <message>"), the rest is counted as lost, and the segment notes the loss.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import select
 import signal
 import sys
 import time
@@ -99,6 +101,8 @@ def serve(stdin, stdout) -> int:
     recorder = Recorder(o)
     failed = None
     lost = 0
+    waiting: list = []  # ids of batches written but not committed yet
+    state = {"records": 0, "totals": {}, "committed": (0, 0)}
 
     def reply(line: str) -> None:
         try:
@@ -108,11 +112,27 @@ def serve(stdin, stdout) -> int:
             pass
 
     def fail(exc: BaseException) -> None:
-        nonlocal failed
+        nonlocal failed, lost
         failed = exc
         message = one_line(exc)
-        reply(f"E {recorder.written} {recorder.written_bytes} {message}")
+        lost += state["records"]  # written since the last commit: not committed
+        waiting.clear()
+        records, nbytes = state["committed"]
+        reply(f"E {records} {nbytes} {message}")
         recorder.mark_failure({"capture_error": message, "records_lost": lost, "failed_ns": time.time_ns()})
+
+    def commit() -> None:
+        """One flush for every batch written since the last one; acknowledgements are cumulative."""
+        if not waiting or failed is not None:
+            return
+        try:
+            recorder.commit(state["totals"])
+        except Exception as exc:
+            fail(exc)
+            return
+        state["committed"], state["records"] = (recorder.written, recorder.written_bytes), 0
+        reply(f"A {waiting[-1]}")
+        waiting.clear()
 
     while True:
         frame = frames.read_frame(stdin)
@@ -129,13 +149,18 @@ def serve(stdin, stdout) -> int:
                 for meta_json, full, arrays in records:
                     recorder.write(json.loads(meta_json), meta_json, arrays, full)
                     done += 1
-                recorder.commit(totals)
             except Exception as exc:  # disk full, directory gone: report once, keep reading
                 lost += len(records) - done
+                state["records"] += done
                 fail(exc)
                 continue
-            reply(f"A {batch_id}")
+            waiting.append(batch_id)
+            state["records"] += done
+            state["totals"] = totals
+            if state["records"] >= MERGE_RECORDS or not _more_input(stdin):
+                commit()  # behind the server: batches already waiting share one flush
         elif kind == frames.FLUSH:
+            commit()
             reply(f"F {frames.control_body(body)['id']}")
         elif kind == frames.CLOSE:
             if failed is None:
@@ -148,6 +173,18 @@ def serve(stdin, stdout) -> int:
     if failed is None:
         recorder.close()
     return 0
+
+
+MERGE_RECORDS = 64  # at most this many records in one commit when batches queue up
+
+
+def _more_input(stdin) -> bool:
+    """Is another frame already waiting in the pipe? (A frame still in our buffer reads as no: the
+    batch is then committed at once, which is never wrong.)"""
+    try:
+        return bool(select.select([stdin], [], [], 0)[0])
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def main() -> None:
