@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensortap.capture import trigger
+
 ALIGN = 16  # bytes: each buffer starts aligned in the drained copy, so views of any dtype work
+UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
 
 
 @dataclass
@@ -147,6 +150,27 @@ class Registry:
             out.append((slot, tensors))
         return out
 
+    def records(self, graph, stamp: dict, scope_tensors: dict):
+        """After a replay: (metadata, tensors, trigger signal or None) per slot, drained in one copy.
+        The metadata is the capture's overridden by the host scope at the replay (`stamp`), phase "run"
+        unless it says otherwise, and `graph`; num_tokens=n trims full-mode data to its first n rows."""
+        drained = self.drain(graph)
+        if not drained:
+            return
+        stamp = {"phase": "run", **stamp, "graph": self.index_of(graph)}
+        tokens = stamp.get("num_tokens")
+        for slot, tensors in drained:
+            meta = {**slot.meta, **stamp}
+            signal = tensors.pop("signal", None)
+            data = tensors.get("data")
+            if data is not None and isinstance(tokens, int) and slot.point not in UNTRIMMED \
+                    and data.dim() and data.shape[0] > tokens:
+                tensors["data"] = data[:tokens]  # [num_tokens, ...]: graph padding rows are not real tokens
+                meta["shape"] = [tokens] + list(data.shape[1:])
+            for key, value in scope_tensors.items():
+                tensors.setdefault(key, value)
+            yield meta, tensors, (signal[0] if signal is not None else None)
+
     def index_of(self, graph) -> int | None:
         entry = self._graphs.get(id(graph))
         return entry.index if entry is not None else None
@@ -155,6 +179,18 @@ class Registry:
         entry = self._graphs.pop(key, None)
         if entry is not None:
             self.bytes -= entry.nbytes
+
+
+def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None) -> dict:
+    """The buffers of a new slot, made inside the capture: a copy of "data" (stats parts and "meta:"
+    snapshots are fresh tensors already) and, for a watched point, its trigger signal [1]."""
+    if "data" in tensors:
+        tensors["data"] = tensors["data"].detach().clone(memory_format=torch.contiguous_format)  # a graph node
+    if watched is not None:
+        value = trigger.signal(watched, tensor)
+        if value is not None:
+            tensors["signal"] = value.view(1)  # [1]
+    return tensors
 
 
 def _current_stream(entry: GraphSlots):

@@ -1,0 +1,510 @@
+"""The enabled tap: what a tap point does once TAP is set (the public functions are in runtime.py).
+
+The work is split by how often it changes:
+
+    per scope   metadata validated against the record schema, the rank, the step/role/rank part
+                of the filter (Filter.keeps_forward), tensor metadata snapshotted once; a scope the
+                filter rejects validates only step, role and rank
+    per name    layer and point parsed and checked, the point/layer part of the filter (cached)
+    per call    the snapshot (eager), or a slot inside a CUDA graph being captured (graphs.py);
+                mode=stats on a GPU computes its stats there (device_stats.py); with `trigger=` the
+                record goes to the flight recorder (trigger.py) instead of the writer
+
+Shape, dtype and byte count are taken from the snapshot on the writer side.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import threading
+import time
+from contextvars import ContextVar
+
+import numpy as np
+import torch
+
+from tensortap import vocab
+from tensortap.capture import device_stats, graphs, trigger
+from tensortap.capture.identity import discover_rank, run_identity
+from tensortap.capture.staging import Staged, Stager
+from tensortap.capture.writer import Counters, Job, Writer, make_sink
+from tensortap.config import TapConfig
+from tensortap.format import schema
+from tensortap.format.codecs import dtype_name
+
+log = logging.getLogger("tensortap")
+
+PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
+MAX_NDIM = 8
+_FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
+_DROP = object()
+_SCALARS = (int, str, float, bool)
+field_problem = schema.field_problem
+
+
+class ScopeState:
+    """What a scope computed once for every point inside it."""
+
+    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked")
+
+    def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool, checked: bool = True):
+        self.meta = meta  # validated host metadata, merged over the enclosing scopes
+        self.tensors = tensors  # "meta:<key>" -> snapshot of a device tensor given to the scope
+        self.rank, self.world = rank, world
+        self.keeps = keeps  # Filter.keeps_forward(step, rank, role)
+        self.checked = checked  # False: a rejected scope whose other keys were not validated (nothing to record)
+
+
+_scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
+
+
+class Tap:
+    """An enabled tap: config, filter, counters, stager, graph slots, flight recorder, writer."""
+
+    def __init__(self, config: TapConfig):
+        self.config = config
+        self.filter = config.filter
+        self.full = config.mode == "full"
+        self.counters = Counters()
+        self.stager = Stager()
+        self.writer: Writer | None = None
+        self.budget_spent = False
+        self._bytes_accepted = 0
+        self._seq = itertools.count()
+        self._names: dict[str, tuple] = {}  # name -> (layer, point, keeps_point) or (None, None, problem)
+        self._valid: set = set()  # (key, type, scalar value) the schema accepted
+        self._rank: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._local = threading.local()  # per thread: jobs of the open scope, handed over at its exit
+        self.excluded = 0  # point calls the filter rejected
+        self._seen: dict[str, set] = {"steps": set(), "roles": set(), "ranks": set(), "layers": set(), "points": set()}
+        self.graphs = graphs.Registry(config.graph_bytes, self._warn_once, self.counters)
+        self.recorder = (trigger.FlightRecorder(config, self._submit_now, self._trigger_record, self.counters,
+                                                self._warn_once) if config.trigger else None)
+        self._device_stats = _from_parts_available()
+
+    # -- per scope ------------------------------------------------------------------------------------
+    def enter(self, raw: dict, parent: ScopeState | None) -> ScopeState:
+        """The state of a scope with metadata `raw` inside `parent`: validated once, filtered once. A scope
+        the filter rejects (outside a graph capture) validates only step, role and rank."""
+        meta = dict(parent.meta) if parent is not None else {}
+        tensors = dict(parent.tensors) if parent is not None else {}
+        if parent is not None and not parent.checked:
+            for key in list(meta):
+                self._set_checked(meta, key, meta.pop(key))
+        capturing = self.graphs.active and self.graphs.capturing() is not None
+        if not capturing and not _FORWARD.isdisjoint(raw):
+            trial = dict(meta)
+            for key in _FORWARD.intersection(raw):  # a bad value counts once, below
+                value = raw[key].item() if isinstance(raw[key], np.generic) else raw[key]
+                if field_problem(key, value) is None:
+                    trial[key] = value
+                else:
+                    trial.pop(key, None)
+            rank, world = self.rank_and_world(trial)
+            if not self.filter.keeps_forward(trial.get("step"), rank, trial.get("role")):
+                self._note_rejected(trial.get("step"), trial.get("role"), rank)
+                meta.update(raw)
+                return ScopeState(meta, tensors, rank, world, False, checked=False)
+        given = []
+        for key, value in raw.items():
+            tensors.pop("meta:" + key, None)
+            if isinstance(value, torch.Tensor):
+                meta.pop(key, None)
+                given.append((key, value))
+                continue
+            value = self._checked(key, value)
+            if value is _DROP:
+                meta.pop(key, None)
+            else:
+                meta[key] = value
+        rank, world = self.rank_and_world(meta)
+        keeps = self.filter.keeps_forward(meta.get("step"), rank, meta.get("role"))
+        if not keeps:
+            self._note_rejected(meta.get("step"), meta.get("role"), rank)
+        if given and (keeps or capturing):
+            for key, value in given:
+                if value.is_cuda:
+                    tensors["meta:" + key] = value.detach().clone()  # once per scope; in a graph: a slot
+                else:
+                    self._set_checked(meta, key, value.tolist())
+        return ScopeState(meta, tensors, rank, world, keeps)
+
+    def _note_rejected(self, step, role, rank) -> None:
+        """What the filter saw and rejected, for the message when nothing at all was written."""
+        if len(self._seen["steps"]) < 4096:
+            self._seen["steps"].add(step)
+            self._seen["roles"].add(role)
+            self._seen["ranks"].add(rank)
+
+    def _checked(self, key: str, value):
+        """A metadata value as the record schema wants it, or _DROP (an error, reported once per key).
+        Scalars already seen valid for a key are not checked again."""
+        kind = type(value)
+        if kind in _SCALARS:
+            if (key, kind, value) in self._valid:  # the type too: True == 1 == 1.0
+                return value
+            if field_problem(key, value) is None:
+                if len(self._valid) < 65536:
+                    self._valid.add((key, kind, value))
+                return value
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif isinstance(value, tuple):
+            value = list(value)
+        problem = schema.field_problem(key, value)
+        if problem is None:
+            return value
+        self.counters.errors += 1
+        self._warn_once("meta:" + key, "tensortap: metadata dropped: %s; pass a valid value (the record is kept "
+                        "without it)", problem)
+        return _DROP
+
+    def _set_checked(self, meta: dict, key: str, value) -> None:
+        value = self._checked(key, value)
+        if value is not _DROP:
+            meta[key] = value
+
+    def root(self) -> ScopeState:
+        """The state of a point called outside any scope."""
+        return self.enter({}, None)
+
+    # -- per name -------------------------------------------------------------------------------------
+    def name_info(self, name: str) -> tuple:
+        info = self._names.get(name)
+        if info is None:
+            info = self._names[name] = self._parse_name(name)
+        return info
+
+    def _parse_name(self, name) -> tuple:
+        parts = name.split(".") if isinstance(name, str) else []
+        point = parts[-1] if parts else None
+        if len(parts) != 4 or parts[0] != "layers" or parts[2] != "attn" or not parts[1].isdigit() \
+                or point not in vocab.POINTS:
+            return (None, None, f"tap point name {name!r} is not layers.<L>.attn.<point> with a point among "
+                                f"{', '.join(vocab.POINTS)}")
+        layer = int(parts[1])
+        self._seen["layers"].add(layer)
+        self._seen["points"].add(point)
+        return (layer, point, self.filter.keeps_point(point, layer))
+
+    # -- per call -------------------------------------------------------------------------------------
+    def record(self, name: str, tensor, meta: dict) -> None:
+        try:
+            self._record(name, tensor, meta)
+        except Exception as exc:  # never into the model's forward
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
+                            type(exc).__name__, exc)
+
+    def _record(self, name: str, tensor, meta: dict) -> None:
+        layer, point, keeps = self._names.get(name) or self.name_info(name)
+        if keeps is not True:
+            if point is None:
+                raise ValueError(keeps)
+            self.excluded += 1
+            return
+        state = _scope.get() or self.root()
+        entry = self.graphs.capturing() if self.graphs.active else None
+        recorder = self.recorder
+        own = False
+        if meta:
+            if entry is None and not state.keeps and _FORWARD.isdisjoint(meta):
+                self.excluded += 1  # the scope's verdict stands: no work for its points
+                return
+            state, own = self._with_call_meta(state, meta), True
+        if entry is None and not state.keeps:
+            self.excluded += 1
+            return
+        if self.writer is not None and self.writer.failed is not None:
+            self.counters.lost += 1
+            return
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() > MAX_NDIM:
+            raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
+        _dtype(tensor)  # a dtype the format cannot store fails here, not in the writer
+        if entry is not None:
+            self._record_in_graph(entry, name, layer, point, tensor, state)
+            return
+        if tensor.is_cuda and torch.cuda.is_current_stream_capturing():  # a capture the hooks do not see
+            self.counters.graph_skipped += 1
+            self._warn_once("graph", "tensortap: a tap point inside a CUDA-graph capture that is not a "
+                            "torch.cuda.CUDAGraph is skipped (%s)", name)
+            return
+        if recorder is not None and not recorder.wants_snapshots:  # armed, nothing to keep: the signal alone
+            watched = trigger.which(point, recorder.triggers)
+            value = trigger.signal(watched, tensor) if watched is not None else None
+            if value is not None:
+                recorder.note(self._where(watched, state.meta, name, point, layer, state.rank), value)
+            if _scope.get() is None:
+                self._end_scope()
+            return
+        job_meta = self._job_meta(state, name, layer, point, own)
+        self._emit(job_meta, self._tensors(tensor, point, state), tensor, point)
+        if _scope.get() is None:
+            self.submit_pending()
+            self._end_scope()
+
+    def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
+        """A point's own metadata over its scope's: validated, its tensors snapshotted per call; rank and
+        filter verdict recomputed only when it sets step, role or rank. Its `meta` is a private copy."""
+        merged, tensors = dict(state.meta), state.tensors
+        for key, value in meta.items():
+            if isinstance(value, torch.Tensor):
+                if tensors is state.tensors:
+                    tensors = dict(tensors)
+                merged.pop(key, None)
+                if value.is_cuda:
+                    tensors["meta:" + key] = value.detach().clone()  # in a graph capture: a slot
+                else:
+                    self._set_checked(merged, key, value.tolist())
+                continue
+            if "meta:" + key in tensors:  # a host value over the scope's tensor of that key
+                tensors = dict(tensors) if tensors is state.tensors else tensors
+                del tensors["meta:" + key]
+            value = self._checked(key, value)
+            if value is _DROP:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        if _FORWARD.isdisjoint(meta):
+            return ScopeState(merged, tensors, state.rank, state.world, state.keeps)
+        rank, world = self.rank_and_world(merged)
+        return ScopeState(merged, tensors, rank, world,
+                          self.filter.keeps_forward(merged.get("step"), rank, merged.get("role")))
+
+    def _job_meta(self, state: ScopeState, name: str, layer: int, point: str, own: bool = False) -> dict:
+        meta = state.meta if own else dict(state.meta)
+        meta["name"], meta["point"], meta["layer"], meta["rank"] = name, point, layer, state.rank
+        if "world_size" not in meta:
+            meta["world_size"] = state.world
+        meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
+        return meta
+
+    def _tensors(self, tensor: torch.Tensor, point: str, state: ScopeState) -> dict:
+        """What a record carries: "data" (the tensor: full mode, the recorder, stats on the CPU) or its
+        "stats:*" parts (stats on a GPU), and the scope's "meta:*" snapshots on the same device."""
+        if self.full or self.recorder is not None or not (tensor.is_cuda and self._device_stats):
+            tensors = {"data": tensor}
+        else:
+            tensors = device_stats.parts(tensor, point)
+        if state.tensors:
+            for key, value in state.tensors.items():
+                if value.device == tensor.device:
+                    tensors[key] = value
+        return tensors
+
+    def _emit(self, meta: dict, tensors: dict, tensor: torch.Tensor, point: str) -> None:
+        """Snapshot the tensor on the caller's thread or stream (parts and scope snapshots are fresh
+        tensors already) and deliver the record."""
+        if "data" in tensors:  # the writer takes dtype and shape from the snapshot
+            staged = self.stager.stage({"data": tensors.pop("data")})
+            staged.tensors.update(tensors)
+        else:  # stats parts: the tensor itself never leaves the device
+            staged = Staged(tensors, torch.cuda.current_stream(tensor.device))
+            meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
+        self._deliver(meta, staged, tensor)
+
+    def _deliver(self, meta: dict, staged: Staged, tensor: torch.Tensor | None, signal=None) -> None:
+        point = meta["point"]
+        if self.recorder is not None:
+            watched = trigger.which(point, self.recorder.triggers)
+            if watched is not None:
+                value = signal if signal is not None else (trigger.signal(watched, tensor) if tensor is not None else None)
+                if value is not None:
+                    self.recorder.note(self._where(watched, meta, meta["name"], point, meta.get("layer"),
+                                                   meta.get("rank")), value)
+            self._writer(meta["rank"], meta["world_size"])
+            self.recorder.offer(meta.get("step"), [Job(meta, staged, True)])
+            return
+        full = self.full and "data" in staged.tensors
+        if self.config.max_bytes is not None:
+            data = staged.tensors["data"] if full else None
+            if self._over_budget(data.numel() * data.element_size() if full else 0):
+                return
+        if self.writer is None:
+            self._writer(meta["rank"], meta["world_size"])
+        pending = self._pending()
+        pending.append(Job(meta, staged, full))
+        if len(pending) >= PENDING_JOBS:
+            self.submit_pending()
+
+    @staticmethod
+    def _where(watched: str, meta: dict, name: str, point: str, layer, rank) -> dict:
+        return dict(trigger=watched, name=name, point=point, layer=layer, step=meta.get("step"),
+                    role=meta.get("role"), spec_pos=meta.get("spec_pos"), rank=rank)
+
+    # -- inside CUDA graphs (graphs.py) ---------------------------------------------------------------
+    def _record_in_graph(self, entry, name: str, layer: int, point: str, tensor: torch.Tensor,
+                         state: ScopeState) -> None:
+        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself."""
+        watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None
+        buffers = graphs.slot_buffers(self._tensors(tensor, point, state), tensor, watched)
+        meta = dict(state.meta)
+        meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=_dtype(tensor),
+                    shape=list(tensor.shape))
+        meta.setdefault("world_size", state.world)
+        self.graphs.add(entry, name, point, meta, buffers)
+
+    def after_replay(self, graph) -> None:
+        """After a replay: the graph's slots, drained in one copy, become records stamped with the scope."""
+        state = _scope.get() or self.root()
+        for meta, tensors, signal in self.graphs.records(graph, state.meta, state.tensors):
+            if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
+                self.excluded += 1
+                continue
+            meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
+            first = next(iter(tensors.values()))
+            staged = Staged(tensors, torch.cuda.current_stream(first.device) if first.is_cuda else None)
+            self._deliver(meta, staged, None, signal)
+        if _scope.get() is None:
+            self.submit_pending()
+            self._end_scope()
+
+    # -- hand-over ------------------------------------------------------------------------------------
+    def _pending(self) -> list:
+        pending = getattr(self._local, "jobs", None)
+        if pending is None:
+            pending = self._local.jobs = []
+        return pending
+
+    def submit_pending(self) -> None:
+        """Hand this thread's jobs to the writer (at scope exit, at flush, or when enough are waiting)."""
+        pending = getattr(self._local, "jobs", None)
+        if pending and self.writer is not None:
+            self._local.jobs = []
+            self._submit_now(pending)
+
+    def _submit_now(self, jobs: list) -> None:
+        Stager.mark_ready([job.staged for job in jobs])
+        self.writer.submit(jobs)
+
+    def _end_scope(self) -> None:
+        if self.recorder is not None:
+            self.recorder.end_scope()
+
+    def _trigger_record(self, info: dict) -> None:
+        """The flight recorder's record of a trigger: which fired, where (point, layer, role, rank) and when."""
+        rank = info.get("rank") if info.get("rank") is not None else self.rank_and_world({})[0]
+        meta = {"name": "tensortap.trigger", "point": "trigger", "step": info.get("step"), "rank": rank,
+                "world_size": self.rank_and_world({})[1], "trigger": {k: v for k, v in info.items() if v is not None},
+                "seq": next(self._seq), "time_ns": time.time_ns(), "dropped_before": self.counters.dropped,
+                "dtype": "int64", "shape": [1]}
+        if meta["step"] is None:
+            meta.pop("step")
+        staged = self.stager.stage({"data": torch.tensor([info["value"]], dtype=torch.int64)})
+        self._writer(rank, meta["world_size"])
+        self._submit_now([Job(meta, staged, True)])
+
+    def _over_budget(self, nbytes: int) -> bool:
+        limit = self.config.max_bytes
+        if limit is None:
+            return False
+        with self._lock:
+            if self.budget_spent or self._bytes_accepted + nbytes > limit:
+                self.budget_spent = True
+                self.counters.over_budget += 1
+                self._warn_once("budget", "tensortap: max_bytes=%d reached on this rank; capture stops here "
+                                "(%d bytes captured)", limit, self._bytes_accepted)
+                return True
+            self._bytes_accepted += nbytes
+        return False
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def rank_and_world(self, merged: dict) -> tuple[int, int]:
+        if self._rank is None:
+            rank, world, from_group = discover_rank()
+            if from_group:
+                self._rank = (rank, world)
+        else:
+            rank, world = self._rank
+        return merged.get("rank", rank), world
+
+    def _writer(self, rank: int, world_size: int) -> Writer:
+        if self.writer is None:
+            with self._lock:
+                if self.writer is None:
+                    identity = run_identity(rank, world_size)
+                    identity["config"] = self.config.to_json_dict()
+                    self.writer = Writer(functools.partial(make_sink, self.config, rank, identity), self.stager,
+                                         self.config.queue_bytes, self.config.on_full, self.counters)
+        return self.writer
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.error(message, *args)
+
+    def wants(self, name: str, meta: dict) -> bool:
+        try:
+            _, point, keeps = self.name_info(name)
+            if point is None:
+                raise ValueError(keeps)
+            if not keeps or self.budget_spent:
+                return False
+            if self.graphs.capturing() is not None:
+                return True  # the step is known only at replay
+            state = _scope.get() or self.root()
+            return self._with_call_meta(state, meta).keeps if meta else state.keeps
+        except Exception as exc:  # never into the model's forward
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: wants(%r) failed (%s: %s)", name, type(exc).__name__, exc)
+            return False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        self.submit_pending()
+        if self.recorder is not None:
+            self.recorder.end_scope()
+        return self.writer.flush(timeout) if self.writer is not None else True
+
+    def close(self, timeout: float | None = None) -> None:
+        self.submit_pending()
+        if self.recorder is not None:
+            self.recorder.end_scope()
+            self.recorder.poll(wait=True)
+        if self.writer is not None:
+            self.writer.close(timeout)
+        if self.counters.records == 0 and self.excluded:
+            log.warning("tensortap: nothing was written: the filter (%s) excluded all %d tap point call(s); "
+                        "they had %s", self.filter_text(), self.excluded, self.seen_text())
+
+    def filter_text(self) -> str:
+        keys = self.config.to_json_dict()
+        return "; ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k in ("layers", "steps", "ranks",
+                         "points", "roles") if (v := keys.get(k)) is not None) or "none"
+
+    def seen_text(self) -> str:
+        def span(values) -> str:
+            values = sorted(v for v in values if v is not None)
+            ints = all(isinstance(v, int) for v in values)
+            if ints and len(values) > 4:
+                return f"{values[0]}-{values[-1]}"
+            return ",".join(str(v) for v in values) or "none"
+
+        return ", ".join(f"{key} {span(values)}" for key, values in self._seen.items() if values)
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[tensor.dtype] = dtype_name(tensor.dtype)
+    return name
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def _from_parts_available() -> bool:
+    """Stats-only records from device parts need the writer side's format.stats.from_parts."""
+    try:
+        from tensortap.format import stats as host_stats
+    except ImportError:
+        return False
+    return hasattr(host_stats, "from_parts")
+
+
+
