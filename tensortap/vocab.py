@@ -46,6 +46,10 @@ GROUP_HEAD_POINTS = ("q", "partial_out", "lse")  # heads of the whole DCP group 
 OWN_HEAD_POINTS = ("merged_out", "attn_out")  # heads this rank owns (after the reduce-scatter)
 PRE_ALL_REDUCE_POINTS = ("q", "topk", "slots", "partial_out", "lse", "merged_out", "attn_out", "o_proj_partial")
 
+# Records that are events, not tensors of a forward: the flight recorder's trigger record.
+TRIGGER_POINT = "trigger"
+EVENT_POINTS = (TRIGGER_POINT,)
+
 POINT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 

@@ -127,3 +127,13 @@ def test_trigger_keys_are_validated():
         tensortap.configure(dir="/tmp/x", trigger="zero-head")
     with pytest.raises(TapConfigError, match="ring"):
         tensortap.configure(dir="/tmp/x", ring="many")
+
+
+def test_check_reports_the_trigger_as_a_note_not_as_a_forward(tap_dir):
+    tensortap.configure(dir=tap_dir, trigger="zero-heads", ring=M, trigger_steps=K)
+    run_steps()
+    tensortap.close()
+    report = tensortap.check(tensortap.open(tap_dir))
+    notes = [n for n in report.notes if n.startswith("flight recorder")]
+    assert len(notes) == 1 and "zero-heads" in notes[0] and f"step {BAD}" in notes[0] and "layer 78" in notes[0]
+    assert report.forwards == len(range(BAD - M, BAD + K + 1)), "the trigger record is not a forward of its own"

@@ -18,6 +18,7 @@ from tensortap.analysis import accounting, detectors, kvstate, lse_check, merge_
 from tensortap.analysis.findings import CODES, Coverage, Finding, Report, Verdict
 from tensortap.analysis.forward import Forward, forwards
 from tensortap.dump import Dump
+from tensortap.vocab import TRIGGER_POINT
 
 # Every stateless detector, in report order; each maps a Forward to its findings.
 DETECTORS: dict[str, Callable[[Forward], list[Finding]]] = {
@@ -134,7 +135,16 @@ def _dump_notes(dump: Dump, losses: dict[int, dict[str, int]]) -> list[str]:
         listing = ", ".join(f"{n} {LOSS_NAMES[name]}" for name, n in totals.items())
         notes.append(f"rank {rank} lost records: {listing}; checks that need them were skipped")
     notes += [f"capture error: {line}" for line in dump.capture_errors]
+    notes += [_trigger_note(rec.meta) for rec in dump.select(point=TRIGGER_POINT).iter()] if TRIGGER_POINT in dump.points else []
     return notes
+
+
+def _trigger_note(meta: dict) -> str:
+    """The flight recorder's trigger record, as one line: which trigger fired, where and when."""
+    t = meta.get("trigger") or {}
+    where = " ".join(f"{k} {t[k]}" for k in ("role", "layer", "step", "spec_pos", "rank") if t.get(k) is not None)
+    return (f"flight recorder: trigger {t.get('trigger', '?')} fired on {t.get('point', '?')} ({where}); "
+            f"the dump holds the ring of steps before it and the steps captured after it")
 
 
 def _hidden_losses(fw: Forward, losses: dict[int, dict[str, int]]) -> list[Finding]:

@@ -13,7 +13,7 @@ import numpy as np
 from tensortap.analysis import layout
 from tensortap.dump import Dump, Record
 from tensortap.format.codecs import FLOAT_NAMES
-from tensortap.vocab import FORWARD_KEYS  # noqa: F401  (re-exported)
+from tensortap.vocab import EVENT_POINTS, FORWARD_KEYS  # noqa: F401  (FORWARD_KEYS re-exported)
 
 
 class Forward:
@@ -133,5 +133,7 @@ class Forward:
 
 def forwards(dump: Dump) -> Iterator[Forward]:
     """Every forward in the dump, in capture order."""
-    for key, sub in dump.group_by(*FORWARD_KEYS).items():
+    points = dump.points
+    tensors = dump if not set(points) & set(EVENT_POINTS) else dump.select(point=[p for p in points if p not in EVENT_POINTS])
+    for key, sub in tensors.group_by(*FORWARD_KEYS).items():
         yield Forward(key, sub)
