@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import html
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -22,7 +23,7 @@ from tensortap import runs as run_ids
 from tensortap.config import filter_from
 from tensortap.errors import FormatError, SelectionError
 from tensortap.format import codecs, live, schema
-from tensortap.format.reader import SegmentInfo, SegmentReader, list_segment_paths, read_segment
+from tensortap.format.reader import LIVE_WAIT_S, SegmentInfo, SegmentReader, list_segment_paths, read_segment
 from tensortap.text import human_bytes, span
 from tensortap.vocab import DEFAULT_PHASES, PHASES
 
@@ -63,7 +64,7 @@ class Record:
 
     def raw(self) -> np.ndarray:
         """The array as stored: raw bits (uint16/uint8) for bfloat16 and float8."""
-        return self._dump._reader(self._path).read_array(self.meta)
+        return self._dump._pool.read(self._path, "read_array", self.meta)
 
     def tensor(self):
         """A torch tensor in the original dtype, bit-exact."""
@@ -81,7 +82,7 @@ class Record:
         """Per-(token, head) norm/zeros for head points, valid-per-row for index points.
 
         Stats mode stores it; full mode derives it from the stored tensor the same way."""
-        stored = self._dump._reader(self._path).read_stats(self.meta)
+        stored = self._dump._pool.read(self._path, "read_stats", self.meta)
         if stored is None and self.stored:
             from tensortap.format.stats import compute
 
@@ -118,6 +119,24 @@ class _ReaderPool:
         else:
             self._open.move_to_end(path)
         return reader
+
+    def read(self, path: str, method: str, meta: dict):
+        """reader.<method>(meta) for the segment at `path`. A `.tmp` segment whose writer is still at it
+        may be caught mid-flush: it is reopened (under its final name once committed) and read again,
+        for up to LIVE_WAIT_S."""
+        deadline = time.monotonic() + LIVE_WAIT_S
+        while True:
+            try:
+                return getattr(self.get(path), method)(meta)
+            except FormatError:
+                if not path.endswith(schema.TMP_SUFFIX) or time.monotonic() > deadline:
+                    raise
+                if live.current_name(path) == path and live.writer_alive(path) is None:
+                    raise
+                reader = self._open.pop(path, None)
+                if reader is not None:
+                    reader.close()
+                time.sleep(0.02)
 
     def close(self) -> None:
         while self._open:
@@ -203,9 +222,6 @@ class Dump:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _reader(self, path: str) -> SegmentReader:
-        return self._pool.get(path)
 
     # -- the index -------------------------------------------------------------------------------
     @property

@@ -62,10 +62,12 @@ class SegmentReader:
             raise FormatError(self.path, f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
         self.metas: list[dict] = []
         self.problems: list[FormatError] = []
+        self.root: dict = {}
+        if not listing:  # opened to read tensors: the listing already checked the root
+            return
         try:
             self.root = validate.check_root(self.path, {**self._root_attrs(), **read_sidecar(self.path)})
-            if listing:
-                self.metas, self.info = self._list()
+            self.metas, self.info = self._list()
         except FormatError:
             self.file.close()
             raise
