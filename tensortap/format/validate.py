@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from tensortap.errors import FormatError
-from tensortap.format import schema
+from tensortap.format import recover, schema
 from tensortap.text import human_bytes
 from tensortap.vocab import POINT_NAME  # noqa: F401  (re-exported)
 
@@ -77,7 +77,10 @@ def open_file(path: str) -> h5py.File:
                 # HDF5 shares one open file per inode within a process: a `.tmp` opened while its writer
                 # was still at it would hand its stale metadata to a later open of the committed file.
                 # Read through a file object instead (its own HDF5 file, never shared).
-                f = h5py.File(os.fdopen(os.dup(fd), "rb"), "r")
+                # A writer killed inside a flush leaves metadata past the superblock's EOA, which is
+                # written last: read such a file with its EOA extended to its size (recover.py).
+                view = recover.eoa_extended_view(fd)
+                f = h5py.File(view if view is not None else os.fdopen(os.dup(fd), "rb"), "r")
             else:
                 by_fd = f"/proc/self/fd/{fd}"
                 f = h5py.File(by_fd if os.path.exists(by_fd) else path, "r", locking=False)  # the file checked above
