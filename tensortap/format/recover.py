@@ -73,13 +73,13 @@ def with_eoa(head: bytes, eoa: int) -> bytes:
     return body + lookup3(body).to_bytes(4, "little")
 
 
-class _PatchedHead(io.RawIOBase):
-    """A read-only view of an open file whose first bytes read as `head` instead."""
+class ReadOnlyView(io.RawIOBase):
+    """A read-only, seekable file object over a file descriptor it owns, `size` bytes long; a subclass
+    says what `readinto` returns (h5py reads a segment through such a view)."""
 
-    def __init__(self, fd: int, head: bytes):
+    def __init__(self, fd: int, size: int):
         self._fd = fd
-        self._head = head
-        self._size = os.fstat(fd).st_size
+        self._size = size
         self._pos = 0
 
     def readable(self) -> bool:
@@ -99,6 +99,14 @@ class _PatchedHead(io.RawIOBase):
         if not self.closed:
             os.close(self._fd)
         super().close()
+
+
+class _PatchedHead(ReadOnlyView):
+    """The file as it is, except that its first bytes read as `head`."""
+
+    def __init__(self, fd: int, head: bytes):
+        super().__init__(fd, os.fstat(fd).st_size)
+        self._head = head
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")

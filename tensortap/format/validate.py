@@ -16,7 +16,6 @@ Bounds, for a dataset declaring `n` bytes (n = prod(shape) * itemsize) in a file
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -122,43 +121,23 @@ def file_size(f: h5py.File) -> int:
         return f.id.get_filesize()
 
 
-class _ZeroPadded(io.RawIOBase):
+class _ZeroPadded(recover.ReadOnlyView):
     """A read-only view of a file that reads as zeros past its end, up to `size` bytes."""
 
     def __init__(self, fd: int, size: int):
-        self._file = os.fdopen(os.dup(fd), "rb")
-        self._real = os.fstat(self._file.fileno()).st_size
-        self._size = max(size, self._real)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = {0: 0, 1: self._pos, 2: self._size}[whence] + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+        self._real = os.fstat(fd).st_size
+        super().__init__(os.dup(fd), max(size, self._real))
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self._size - self._pos))
         real = max(0, min(n, self._real - self._pos))
         if real:
-            self._file.seek(self._pos)
-            got = self._file.readinto(view[:real]) or 0
+            got = os.preadv(self._fd, [view[:real]], self._pos)
             view[got:real] = bytes(real - got)
         view[real:n] = bytes(n - real)
         self._pos += n
         return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
 
 
 def _open_short_tmp(path: str, fd: int, error: Exception) -> h5py.File | None:
