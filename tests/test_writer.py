@@ -432,3 +432,61 @@ def test_a_writer_process_killed_with_batches_in_flight_loses_nothing(tap_dir, c
     got = [(r.step, r.meta["spec_pos"]) for r in tensortap.open(tap_dir)]
     assert set(got) == {(s, k) for s in range(50) for k in range(3)}, "nothing handed over is lost"
     assert len(got) - len(set(got)) <= 3, "at most the one batch committed in the instant of the kill twice"
+
+
+# A writer process that reported a write error ("E") and acknowledges nothing more: a batch waiting
+# for room in the shared ring must fail at once (capture stops, the loss is counted), never wait forever.
+_FAILING_WRITER = r'''
+import sys
+from tensortap.capture import frames
+stdin = sys.stdin.buffer
+frames.read_frame(stdin)
+n = 0
+while True:
+    f = frames.read_frame(stdin)
+    if f is None:
+        break
+    n += 1
+    if n == 1:
+        sys.stdout.write("E 0 0 No space left on device\n"); sys.stdout.flush()
+'''
+
+
+def test_a_batch_waiting_for_ring_space_fails_once_the_writer_process_reported_an_error(tmp_path):
+    import threading
+
+    from tensortap.capture.child import ChildSink
+
+    class FailingSink(ChildSink):
+        RING_BYTES = 4 << 20
+
+        def _command(self):
+            return [sys.executable, "-c", _FAILING_WRITER]
+
+    sink = FailingSink(dict(dir=str(tmp_path / "x"), rank=0, root_attrs={}, compress=None, segment_records=10,
+                            segment_bytes=1 << 30, checksum=False))
+
+    class OneJob:
+        meta = {"point": "q", "dtype": "float32"}
+        full = True
+
+    array = np.zeros(1 << 20, np.float32)  # 4 MiB: the whole ring
+    outcome = []
+
+    def send():
+        for _ in range(4):
+            try:
+                sink.write_batch([OneJob()], [{"data": array}], {})
+                outcome.append("sent")
+            except OSError as exc:
+                outcome.append(str(exc))
+                return
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    thread.join(20)
+    try:
+        assert not thread.is_alive(), "the writer thread hangs on a writer process that reported an error"
+        assert outcome[0] == "sent" and "No space left on device" in outcome[-1]
+    finally:
+        sink.mark_failure({})

@@ -69,6 +69,8 @@ class _Ring:
             at = self._fit(need)
             if at is not None:
                 break
+            if self.sink.error is not None:  # it reported a write error: it will acknowledge nothing more
+                raise OSError(self.sink.error)
             if not self.spans or self.sink._gone.is_set():  # no older batch to wait for
                 return None
             with self.sink._acks:
