@@ -401,3 +401,42 @@ def _wait_for_commit(directory, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(f.endswith(".tmp") for f in os.listdir(directory)):
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_point_that_turns_a_rejected_scope_into_a_kept_one_gets_validated_metadata(tmp_path, writer):
+    """The scope is rejected (roles=draft, no role), so its metadata was not validated; the point's role
+    makes it kept: its tensor metadata is converted and nothing unvalidated reaches the writer."""
+    directory = str(tmp_path / "tap")
+    tensortap.configure(dir=directory, roles="draft", writer=writer)
+    with tensortap.scope(step=3, seq_lens=torch.tensor([5, 7]), softmax_scale=0.1):
+        with tensortap.scope(role="draft", layer=78):
+            tensortap.point("layers.78.attn.lse", torch.zeros(2, 4))  # [T, H]
+        tensortap.point("layers.78.attn.lse", torch.ones(2, 4), role="draft", spec_pos=1)  # [T, H]
+    tensortap.close()
+    assert tensortap.stats()["errors"] == 0 and tensortap.stats()["records"] == 2
+    records = list(tensortap.open(directory).iter())
+    assert [r.meta["seq_lens"] for r in records] == [[5, 7], [5, 7]]
+    assert [r.meta.get("spec_pos") for r in records] == [None, 1]
+
+
+def test_past_max_bytes_points_are_counted_without_a_snapshot(tmp_path, monkeypatch):
+    tensortap.configure(dir=str(tmp_path / "tap"), max_bytes=64, writer="thread")
+    tap = runtime._tap
+    clones = []
+    original = tap.stager.stage
+    monkeypatch.setattr(tap.stager, "stage", lambda tensors: clones.append(1) or original(tensors))
+    with tensortap.scope(step=0, role="target", layer=0):
+        for _ in range(5):
+            tensortap.point("layers.0.attn.lse", torch.zeros(2, 4))  # [T, H]: 32 bytes
+    tensortap.close()
+    assert tensortap.stats()["records"] == 2 and tensortap.stats()["over_budget"] == 3
+    assert len(clones) == 3, "two records and the one that found the budget spent; none after it"
+
+
+def test_a_name_that_is_not_a_string_is_an_error_not_an_exception(tmp_path):
+    tensortap.configure(dir=str(tmp_path / "tap"), writer="thread")
+    tensortap.point(["layers", 0], torch.zeros(2))  # must not raise into the caller
+    tensortap.point(None, torch.zeros(2))
+    tensortap.close()
+    assert tensortap.stats()["errors"] == 2

@@ -78,7 +78,7 @@ def point(name: str, tensor, **meta) -> None:
     tap = _tap
     if tap is None:
         return
-    info = tap._names.get(name)
+    info = tap._names.get(name) if name.__class__ is str else None
     if info is not None and info[2] is False:  # rejected by its name: one dict lookup
         tap.excluded += 1
         return

@@ -87,16 +87,16 @@ class Tap:
         self._device_stats = _from_parts_available()
 
     # -- per scope ------------------------------------------------------------------------------------
-    def enter(self, raw: dict, parent: ScopeState | None) -> ScopeState:
+    def enter(self, raw: dict, parent: ScopeState | None, validate_all: bool = False) -> ScopeState:
         """The state of a scope with metadata `raw` inside `parent`: validated once, filtered once. A scope
-        the filter rejects (outside a graph capture) validates only step, role and rank."""
+        the filter rejects (outside a graph capture) validates only step, role and rank, unless
+        `validate_all` (a point or a nested scope inside it may still turn out to be kept)."""
+        if parent is not None and not parent.checked:
+            parent = self.validated(parent)
         meta = dict(parent.meta) if parent is not None else {}
         tensors = dict(parent.tensors) if parent is not None else {}
-        if parent is not None and not parent.checked:
-            for key in list(meta):
-                self._set_checked(meta, key, meta.pop(key))
         capturing = self.graphs.active and self.graphs.capturing() is not None
-        if not capturing and not _FORWARD.isdisjoint(raw):
+        if not capturing and not validate_all and not _FORWARD.isdisjoint(raw):
             trial = dict(meta)
             for key in _FORWARD.intersection(raw):  # a bad value counts once, below
                 value = raw[key].item() if isinstance(raw[key], np.generic) else raw[key]
@@ -125,13 +125,19 @@ class Tap:
         keeps = self.filter.keeps_forward(meta.get("step"), rank, meta.get("role"))
         if not keeps:
             self._note_rejected(meta.get("step"), meta.get("role"), rank)
-        if given and (keeps or capturing):
+        if given and (keeps or capturing or validate_all):
             for key, value in given:
                 if value.is_cuda:
                     tensors["meta:" + key] = value.detach().clone()  # once per scope; in a graph: a slot
                 else:
                     self._set_checked(meta, key, value.tolist())
         return ScopeState(meta, tensors, rank, world, keeps)
+
+    def validated(self, state: ScopeState) -> ScopeState:
+        """A rejected scope's state with all of its metadata validated (tensors snapshotted), for a point
+        or a nested scope inside it that changes step, role or rank."""
+        bare = ScopeState({}, state.tensors, state.rank, state.world, state.keeps)
+        return self.enter(state.meta, bare, validate_all=True)
 
     def _note_rejected(self, step, role, rank) -> None:
         """What the filter saw and rejected, for the message when nothing at all was written."""
@@ -222,6 +228,9 @@ class Tap:
         if self.writer is not None and self.writer.failed is not None:
             self.counters.lost += 1
             return
+        if self.budget_spent and recorder is None and entry is None:  # max_bytes reached: no snapshot
+            self.counters.over_budget += 1
+            return
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() > MAX_NDIM:
@@ -252,6 +261,8 @@ class Tap:
     def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
         """A point's own metadata over its scope's: validated, its tensors snapshotted per call; rank and
         filter verdict recomputed only when it sets step, role or rank. Its `meta` is a private copy."""
+        if not state.checked:
+            state = self.validated(state)
         merged, tensors = dict(state.meta), state.tensors
         for key, value in meta.items():
             if isinstance(value, torch.Tensor):
