@@ -137,3 +137,13 @@ def test_check_reports_the_trigger_as_a_note_not_as_a_forward(tap_dir):
     notes = [n for n in report.notes if n.startswith("flight recorder")]
     assert len(notes) == 1 and "zero-heads" in notes[0] and f"step {BAD}" in notes[0] and "layer 78" in notes[0]
     assert report.forwards == len(range(BAD - M, BAD + K + 1)), "the trigger record is not a forward of its own"
+
+
+def test_with_no_ring_the_trigger_step_itself_is_still_written(tap_dir):
+    tensortap.configure(dir=tap_dir, trigger="zero-heads", trigger_steps=K)  # ring=0, the default
+    run_steps()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    assert steps_written(d) == list(range(BAD, BAD + K + 1)), "the step that fired is in the dump"
+    bad = d.get("merged_out", step=BAD)
+    assert float(bad[:, 2].abs().sum()) == 0.0

@@ -244,14 +244,6 @@ class Tap:
             self._warn_once("graph", "tensortap: a tap point inside a CUDA-graph capture that is not a "
                             "torch.cuda.CUDAGraph is skipped (%s)", name)
             return
-        if recorder is not None and not recorder.wants_snapshots:  # armed, nothing to keep: the signal alone
-            watched = trigger.which(point, recorder.triggers)
-            value = trigger.signal(watched, tensor) if watched is not None else None
-            if value is not None:
-                recorder.note(self._where(watched, state.meta, name, point, layer, state.rank), value)
-            if _scope.get() is None:
-                self._end_scope()
-            return
         job_meta = self._job_meta(state, name, layer, point, own)
         self._emit(job_meta, self._tensors(tensor, point, state), tensor, point)
         if _scope.get() is None:

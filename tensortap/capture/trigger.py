@@ -81,11 +81,6 @@ class FlightRecorder:
         self.until: int | None = None  # last step of its after-window
         self.fires = 0
 
-    @property
-    def wants_snapshots(self) -> bool:
-        """Full snapshots are needed when the ring keeps steps or a window is open."""
-        return self.ring_steps > 0 or self.until is not None
-
     # -- caller side ------------------------------------------------------------------------------------
     def note(self, where: dict, value: torch.Tensor) -> None:
         """One record's signal (0-dim int64, possibly still being computed on the device)."""
@@ -100,7 +95,7 @@ class FlightRecorder:
             return
         if self.until is not None and (step is None or step > self.until):
             self.until = None  # the window closed: re-armed
-        if self.ring_steps <= 0 or step is None:
+        if step is None:
             return
         kept = self._ring.setdefault(step, [])
         kept.extend(jobs)
