@@ -151,3 +151,19 @@ def test_cuda_graph_is_patched_only_when_tap_is_set(tmp_path, tap, patched):
     env = dict(os.environ, TAP=tap.format(dir=tmp_path / "t"))
     done = subprocess.run([sys.executable, "-c", HOOKED], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == patched, done.stderr
+
+
+def test_a_replay_without_a_step_is_not_shown_as_a_real_step(tap_dir, hooked):
+    """A replay outside any scope that gives the step: the record keeps the capture's dummy step, so it
+    is marked phase=capture (readers exclude it by default) instead of passing for a real step."""
+    tensortap.configure(dir=tap_dir)
+    g = FakeGraph()
+    slots = capture(g, tokens=4)
+    g.kernels = lambda: slots["hidden"]["data"].fill_(7.0)
+    g.replay()  # no scope at all
+    with tensortap.scope(step=5, role="target"):
+        g.replay()
+    tensortap.close()
+    assert tensortap.open(tap_dir).steps == [5], "only the replay that was given its step is a run"
+    everything = tensortap.open(tap_dir, phases="all")
+    assert sorted((r.step, r.meta["phase"]) for r in everything) == [(-1, "capture"), (5, "run")]

@@ -152,12 +152,14 @@ class Registry:
 
     def records(self, graph, stamp: dict, scope_tensors: dict):
         """After a replay: (metadata, tensors, trigger signal or None) per slot, drained in one copy.
-        The metadata is the capture's overridden by the host scope at the replay (`stamp`), phase "run"
-        unless it says otherwise, and `graph`; num_tokens=n trims full-mode data to its first n rows."""
+        The metadata is the capture's overridden by the host scope at the replay (`stamp`) and `graph`;
+        phase "run" when that scope gives the step, else "capture" (a replay with no step of its own
+        still carries the capture's dummy step: readers exclude it by default rather than show it as a
+        real step), unless the scope names the phase; num_tokens=n trims full-mode data to its first n rows."""
         drained = self.drain(graph)
         if not drained:
             return
-        stamp = {"phase": "run", **stamp, "graph": self.index_of(graph)}
+        stamp = {"phase": "run" if "step" in stamp else "capture", **stamp, "graph": self.index_of(graph)}
         tokens = stamp.get("num_tokens")
         for slot, tensors in drained:
             meta = {**slot.meta, **stamp}
