@@ -167,3 +167,19 @@ def test_a_replay_without_a_step_is_not_shown_as_a_real_step(tap_dir, hooked):
     assert tensortap.open(tap_dir).steps == [5], "only the replay that was given its step is a run"
     everything = tensortap.open(tap_dir, phases="all")
     assert sorted((r.step, r.meta["phase"]) for r in everything) == [(-1, "capture"), (5, "run")]
+
+
+def test_a_failing_hook_never_raises_into_the_engines_capture_or_replay(tap_dir, hooked, monkeypatch):
+    tensortap.configure(dir=tap_dir)
+
+    def broken(graph):
+        raise RuntimeError("registry broken")
+
+    for what in ("begin", "end", "before_replay"):
+        monkeypatch.setattr(runtime._tap.graphs, what, broken)
+    g = FakeGraph()
+    g.capture_begin()
+    g.capture_end()
+    g.replay()
+    assert tensortap.stats()["errors"] == 3
+    tensortap.close()

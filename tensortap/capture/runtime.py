@@ -29,18 +29,28 @@ class _GraphHooks:
 
     @staticmethod
     def begin(graph) -> None:
-        if _tap is not None:
-            _tap.graphs.begin(graph)
+        _GraphHooks._guarded("begin", graph)
 
     @staticmethod
     def end(graph) -> None:
-        if _tap is not None:
-            _tap.graphs.end(graph)
+        _GraphHooks._guarded("end", graph)
 
     @staticmethod
     def before_replay(graph) -> None:
-        if _tap is not None:
-            _tap.graphs.before_replay(graph)
+        _GraphHooks._guarded("before_replay", graph)
+
+    @staticmethod
+    def _guarded(what: str, graph) -> None:
+        """The registry's `what` for this graph; an error is counted and said once, never raised into
+        the engine's capture or replay."""
+        tap = _tap
+        if tap is None:
+            return
+        try:
+            getattr(tap.graphs, what)(graph)
+        except Exception as exc:  # never into the model's forward
+            tap.counters.errors += 1
+            tap._warn_once("error", "tensortap: CUDA-graph %s hook failed (%s: %s)", what, type(exc).__name__, exc)
 
     @staticmethod
     def after_replay(graph) -> None:

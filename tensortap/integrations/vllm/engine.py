@@ -181,8 +181,7 @@ def wrap_block_tables_init(original):
     def __init__(self, *args, **kwargs):
         """Model Runner V2's BlockTables: its slot mapping shards the cache by cp_size/cp_rank/cp_interleave."""
         original(self, *args, **kwargs)
-        WRITER.update(kv_dcp_size=int(self.cp_size), kv_dcp_rank=int(self.cp_rank),
-                      interleave=int(self.cp_interleave), kv_dcp_source="block_table")
+        guarded(_observe_cache_writer, self, "cp_size", "cp_rank", "cp_interleave")
 
     return __init__
 
@@ -192,10 +191,16 @@ def wrap_block_table_init(original):
     def __init__(self, *args, **kwargs):
         """V1's BlockTable: its slot mapping shards the cache by dcp_world_size/dcp_rank/interleave."""
         original(self, *args, **kwargs)
-        WRITER.update(kv_dcp_size=int(self.dcp_world_size), kv_dcp_rank=int(self.dcp_rank),
-                      interleave=int(self.cp_kv_cache_interleave_size), kv_dcp_source="block_table")
+        guarded(_observe_cache_writer, self, "dcp_world_size", "dcp_rank", "cp_kv_cache_interleave_size")
 
     return __init__
+
+
+def _observe_cache_writer(table, size: str, rank: str, interleave: str) -> None:
+    """The sharding a block table's slot mapping uses, read from its attributes (guarded: a vLLM whose
+    block table lacks them starts up all the same, and the tap falls back to the process group)."""
+    WRITER.update(kv_dcp_size=int(getattr(table, size)), kv_dcp_rank=int(getattr(table, rank)),
+                  interleave=int(getattr(table, interleave)), kv_dcp_source="block_table")
 
 
 def wrap_metadata_build(original):
