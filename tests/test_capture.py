@@ -440,3 +440,18 @@ def test_a_name_that_is_not_a_string_is_an_error_not_an_exception(tmp_path):
     tensortap.point(None, torch.zeros(2))
     tensortap.close()
     assert tensortap.stats()["errors"] == 2
+
+
+def test_integers_that_do_not_fit_the_index_are_dropped_at_the_call(tmp_path):
+    """step=2**63 or layer=2**31 would break the index table at rotation: the key is dropped, counted."""
+    directory = str(tmp_path / "tap")
+    tensortap.configure(dir=directory, writer="thread", segment_records=1)
+    with tensortap.scope(step=2 ** 63, role="target"):
+        tensortap.point("layers.0.attn.lse", torch.zeros(2, 4), spec_pos=2 ** 31)  # [T, H]
+    with tensortap.scope(step=1, role="target"):
+        tensortap.point("layers.0.attn.lse", torch.ones(2, 4))  # [T, H]
+    tensortap.close()
+    assert tensortap.stats()["records"] == 2 and tensortap.stats()["errors"] == 2
+    d = tensortap.open(directory)
+    assert len(d.truncated) == 0, "every segment committed: the index held every value"
+    assert sorted(r.meta.get("step", -1) for r in d) == [-1, 1]

@@ -155,6 +155,10 @@ ROOT_STRS = ("host", "run_id")
 ROOT_JSON = {"config": dict, "versions": dict, "argv": list}  # stored as JSON text
 
 
+# The range an integer field must fit: its index column's, else int64 (what every reader holds).
+_INT_LIMIT = {None: 1 << 63, "<i8": 1 << 63, "<i4": 1 << 31}
+
+
 def field_problem(key: str, value) -> str | None:
     """Why `value` is not valid for metadata field `key` (None when it is, or the key is not in the
     schema: extra keys are kept as the caller gave them, if JSON can carry them)."""
@@ -164,6 +168,8 @@ def field_problem(key: str, value) -> str | None:
     kind = field.kind
     if kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not -_INT_LIMIT[field.index] <= value < _INT_LIMIT[field.index]:
+            return f"{key} is out of range ({value!r}; at most {_INT_LIMIT[field.index] - 1})"
     elif kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif kind == "str":
