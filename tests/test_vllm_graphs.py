@@ -229,3 +229,21 @@ def test_tap_unset_patches_no_graph_class(monkeypatch):
     after = (cuda_graph.CUDAGraphWrapper.__call__, breakable_cudagraph.BreakableCUDAGraphWrapper._replay,
              breakable_cudagraph.BreakableCUDAGraphCapture.add_eager, model_runner.GPUModelRunner.execute_model)
     assert after == before and patching.PATCHES == []
+
+
+def test_draft_passes_restart_at_each_engine_step_when_the_target_runs_in_a_full_graph():
+    """A FULL-graph target runs no layer Python: the draft count must restart at the engine's step."""
+    from tensortap.integrations.vllm import layers, state
+
+    saved = state.ENGINE.save()
+    steps = layers._Steps()
+    draft = layers._Layer(78, "draft", mtp=True)
+    try:
+        state.ENGINE.phase = "run"
+        seen = []
+        for engine_step in range(3):
+            state.ENGINE.step = engine_step
+            seen.append([steps.enter(draft)[1] for _ in range(2)])  # two MTP passes; no target layer call
+        assert seen == [[0, 1], [0, 1], [0, 1]]
+    finally:
+        state.ENGINE.restore(saved)

@@ -55,9 +55,14 @@ class _Steps:
 
     def __init__(self):
         self.step, self.spec_pos, self.last_target, self.last_draft = -1, -1, None, None
+        self.engine_step = None  # the engine step the draft passes are counted in
 
     def enter(self, info: _Layer) -> tuple[int, int]:
         layer = info.layer
+        if ENGINE.phase is not None and ENGINE.step != self.engine_step:
+            # A new engine step restarts the draft count, also when the target ran inside a FULL
+            # graph (no target layer Python ran to restart it).
+            self.engine_step, self.spec_pos, self.last_draft = ENGINE.step, -1, None
         if info.role == "target":
             last = self.last_target
             if last is None or layer <= last:
