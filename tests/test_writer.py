@@ -23,7 +23,7 @@ from tensortap.format import schema, stats
 from tensortap.format.codecs import encode
 from tensortap.format.segment import rename_no_replace
 
-from conftest import segment_files
+from conftest import segment_files, torn_by_a_flush
 
 
 def _roots(directory):
@@ -311,6 +311,7 @@ def test_sigkill_keeps_every_forward_flushed_before_it(tmp_path):
     before the kill is complete (at once when its writer is dead, once committed when it lives on:
     HDF5 updates metadata in place, so a reader may see less of a segment while it is written)."""
     rng = random.Random(13)
+    torn = 0
     for i in range(20):
         writer = ("thread", "process")[i % 2]
         directory = str(tmp_path / f"tap{i}")
@@ -330,6 +331,9 @@ def test_sigkill_keeps_every_forward_flushed_before_it(tmp_path):
         d = tensortap.open(directory)  # at once: never an error
         tensortap.check(d, use_oracle=False)
         assert len(d.truncated) <= 1
+        if writer == "thread" and torn_by_a_flush(d):  # the known limit (docs/crash-safety.md), named
+            torn += 1
+            continue
         if writer == "thread":
             assert len(d.truncated) == 1 and not d.live, "the writer died with the server: its segment is truncated"
         elif d.live:
@@ -342,6 +346,7 @@ def test_sigkill_keeps_every_forward_flushed_before_it(tmp_path):
         for step in range(FLUSHED_STEPS):
             assert steps.get(step) == {0, 1, 2}, (i, writer, step, sorted(steps), d.segments)
         assert sorted(steps) == list(range(len(steps))), "no forward missing before the last one read"
+    assert torn <= 2, f"{torn} of 20 kills tore the open segment: far more often than a kill lands inside a flush"
 
 
 @pytest.mark.parametrize("ring_bytes", [1 << 20, 64 << 10])
