@@ -118,10 +118,11 @@ def test_scope_tensor_metadata_inside_the_capture_is_replayed(tap_dir, hooked):
     """A tensor given to a scope inside the capture is snapshotted once into a slot: replays carry its values."""
     tensortap.configure(dir=tap_dir)
     g = FakeGraph()
-    lens = torch.tensor([5, 7])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # scope tensors travel with points on their device
+    lens = torch.tensor([5, 7], device=device)
     g.capture_begin()
-    with tensortap.scope(step=-1, role="target", seq_lens=lens.cuda() if torch.cuda.is_available() else lens):
-        tensortap.point("layers.0.attn.lse", torch.zeros(2, 4))
+    with tensortap.scope(step=-1, role="target", seq_lens=lens):
+        tensortap.point("layers.0.attn.lse", torch.zeros(2, 4, device=device))  # [T, H]
     g.capture_end()
     with tensortap.scope(step=0):
         g.replay()
