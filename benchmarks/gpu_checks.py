@@ -22,6 +22,7 @@ import time
 import torch
 
 import tensortap
+from tables import table
 from tensortap.distributed import spawn
 from tensortap.mla.model import ProcessGroups
 from tensortap.mla.scenario import DecodeRunner, Scenario, run_rank
@@ -126,13 +127,6 @@ def tensortap_state(tap="keep"):
         return runtime._tap
     runtime._tap = tap
     return tap
-
-
-def table(title: str, header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(f"\n{title}")
-    for row in [header] + rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import timeit
 import torch
 
 import tensortap
+from tables import table
 
 SCOPE = dict(step=3, role="draft", spec_pos=0, tp_rank=0, tp_size=4, dcp_rank=0, dcp_size=4, group_dcp_rank=0,
              group_dcp_size=4, kv_dcp_size=4, interleave=1, num_heads=64, seq_lens=[4101, 3001],
@@ -84,13 +85,6 @@ def rejected_costs(number: int = 100_000) -> dict:
     assert counters["records"] == 0 and counters["errors"] == 0, counters
     return {"empty function": base, "point, name rejected": by_name, "point, scope rejected": by_scope,
             "wants, name rejected": want, "scope enter+exit (21 keys), rejected": scope_cost}
-
-
-def table(title: str, header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(f"\n{title}")
-    for row in [header] + rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
 def main() -> None:

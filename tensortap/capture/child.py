@@ -147,8 +147,8 @@ class ChildSink:
         threading.Thread(target=self._read_replies, name="tensortap-sink-replies", daemon=True).start()
         try:
             frames.write_all(self._fd, [frames.control_frame(frames.OPEN, opening)])
-        except OSError:
-            pass  # it died already: the first batch finds out why
+        except OSError as exc:  # it died already: its exit is reported with the first batch
+            self._notes.append(f"exited before it was opened ({one_line(exc)})")
 
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "tensortap.capture.sink"]

@@ -47,7 +47,7 @@ field_problem = schema.field_problem
 class ScopeState:
     """What a scope computed once for every point inside it."""
 
-    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked")
+    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked", "validated")
 
     def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool, checked: bool = True):
         self.meta = meta  # validated host metadata, merged over the enclosing scopes
@@ -55,6 +55,7 @@ class ScopeState:
         self.rank, self.world = rank, world
         self.keeps = keeps  # Filter.keeps_forward(step, rank, role)
         self.checked = checked  # False: a rejected scope whose other keys were not validated (nothing to record)
+        self.validated: ScopeState | None = None  # of an unchecked scope: its validated state, made once
 
 
 _scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
@@ -136,8 +137,10 @@ class Tap:
     def validated(self, state: ScopeState) -> ScopeState:
         """A rejected scope's state with all of its metadata validated (tensors snapshotted), for a point
         or a nested scope inside it that changes step, role or rank."""
-        bare = ScopeState({}, state.tensors, state.rank, state.world, state.keeps)
-        return self.enter(state.meta, bare, validate_all=True)
+        if state.validated is None:  # once per scope, however many points inside it need it
+            bare = ScopeState({}, state.tensors, state.rank, state.world, state.keeps)
+            state.validated = self.enter(state.meta, bare, validate_all=True)
+        return state.validated
 
     def _note_rejected(self, step, role, rank) -> None:
         """What the filter saw and rejected, for the message when nothing at all was written."""
