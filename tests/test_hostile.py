@@ -134,9 +134,12 @@ def test_index_metadata_is_checked(tmp_path, cli, field, value, reason):
 def test_contiguous_dataset_larger_than_the_file(tmp_path, cli):
     path = good_dump(str(tmp_path / "tap"))
     with h5py.File(path, "r+") as f:
-        group = f["records/000000000000"]
-        del group["q"]
-        group.create_dataset("q", shape=(2, 4, 8), dtype="<f4")  # declared, never written: no storage
+        records = f["records"]
+        batch = records[schema.batch_name(0)]
+        meta, size = batch.attrs["meta"], batch.shape[0]
+        del records[schema.batch_name(0)]
+        forged = records.create_dataset(schema.batch_name(0), shape=(size,), dtype="u1")  # declared, never written
+        forged.attrs["meta"] = meta
     assert_refused(cli, ["show", path, "q"], path, "file holds")
 
 

@@ -64,6 +64,56 @@ def forge(path: str, records: list[tuple[dict, object]], root: dict | None = Non
     return path
 
 
+def forge_v2(path: str, batches: list[list[tuple[dict, np.ndarray | None]]], committed: bool = True,
+             blob_maker=None, libver=("v108", "v108")) -> str:
+    """A format-2 segment: each batch is a list of (meta, array or None); the arrays' bytes are laid out
+    as the writer lays them out, and "batch"/"at" are added unless the meta already has them (a forger
+    may set them wrong). `blob_maker(records_group, name, blob)` replaces how a batch dataset is made."""
+    with h5py.File(path, "w", libver=libver) as f:
+        f.attrs["tensortap_format"] = 2
+        for key, value in {"host": "forge", "pid": 1, "start_time_ns": 1_000, "rank": 0, "run_id": "f0f0f0"}.items():
+            f.attrs[key] = value
+        group = f.create_group("records")
+        texts = []
+        for number, records in enumerate(batches):
+            pieces, metas, offset = [], [], 0
+            for meta, array in records:
+                meta = dict(meta)
+                meta.setdefault("batch", number)
+                if array is not None:
+                    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+                    meta.setdefault("at", [offset, raw.size])
+                    pad = -raw.size % 64
+                    pieces += [raw, np.zeros(pad, np.uint8)]
+                    offset += raw.size + pad
+                metas.append(meta)
+            blob = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+            name = f"{number:012d}"
+            if blob_maker is not None:
+                dataset = blob_maker(group, name, blob)
+            else:
+                dataset = group.create_dataset(name, data=blob)
+            dataset.attrs["meta"] = json.dumps(metas)
+            texts += [json.dumps(m) for m in metas]
+        if committed:
+            f.create_dataset("index_meta", data=np.array(texts, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            f.attrs["records"] = len(texts)
+    return path
+
+
+def bad_v2(change, reason, committed=True):
+    """A format-2 segment of two good records in one batch, record 1's metadata changed by `change`."""
+    def make(d):
+        first = (meta_of(0, "q", (2, 4, 8)), np.ones((2, 4, 8), np.float32))
+        meta = meta_of(1)
+        change(meta)
+        records = [first, (meta, np.zeros((2, 4), np.float32))]
+        suffix = ".tap.h5" if committed else ".tap.h5.tmp"
+        path = forge_v2(os.path.join(d, f"rank00000-forge-1-f0f0f0.00000{suffix}"), [records], committed=committed)
+        return path, path, reason
+    return make
+
+
 def good_records(n: int = 2) -> list:
     return [(meta_of(i), np.full((2, 4), float(i), np.float32)) for i in range(n)]
 
@@ -171,6 +221,15 @@ CASES = {
     "root start_time_ns 'soon'": bad_root("soon", "root attribute 'start_time_ns' is not a non-negative integer"),
     "root start_time_ns NaN": bad_root(math.nan, "root attribute 'start_time_ns' is not a non-negative integer (nan)"),
     "root start_time_ns a list": bad_root([1, 2], "root attribute 'start_time_ns' is not a non-negative integer"),
+    "v2: span of the wrong length": bad_v2(lambda m: m.update(at=[64, 31]), "record 1 (layers.0.attn.lse): key 'at': "
+                                           "is not [offset, 32]"),
+    "v2: span outside its batch": bad_v2(lambda m: m.update(at=[4096, 32]), "key 'at': bytes 4096..4128 lie outside "
+                                         "the batch (320 bytes)", committed=False),
+    "v2: stored record without a span": bad_v2(lambda m: m.update(at=None), "key 'at': is missing (the record is "
+                                               "stored)"),
+    "v2: negative batch": bad_v2(lambda m: m.update(batch=-3), "key 'batch': is negative (-3)"),
+    "v2: crc32 out of range": bad_v2(lambda m: m.update(crc32=1 << 40), "record 1 (layers.0.attn.lse): key 'crc32': is not an unsigned 32-bit integer"),
+    "v1 record claiming a batch": bad_value("batch", 0, "key 'batch': format 1 records have no such key"),
 }
 
 CHILD = textwrap.dedent("""

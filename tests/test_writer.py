@@ -193,16 +193,20 @@ def test_checksum_attribute(tap_dir, writer, checksum):
             tensortap.point(f"layers.0.attn.{point}", tensor)
     tensortap.close()
     (name,) = segment_files(tap_dir)
+    seen = set()
     with h5py.File(os.path.join(tap_dir, name), "r") as f:
-        for group in f[schema.RECORDS_GROUP].values():
-            point = json.loads(group.attrs["meta"])["point"]
-            dataset = group[point]
-            if checksum == "off":
-                assert "crc32" not in dataset.attrs
-                continue
-            raw = encode(tensors[point].contiguous())[0]
-            assert dataset.attrs["crc32"].dtype == np.uint32
-            assert int(dataset.attrs["crc32"]) == (zlib.crc32(raw.tobytes()) if raw.size else 0)
+        for batch in f[schema.RECORDS_GROUP].values():
+            blob = batch[()]  # [bytes]
+            for meta in json.loads(batch.attrs["meta"]):
+                seen.add(meta["point"])
+                if checksum == "off":
+                    assert "crc32" not in meta
+                    continue
+                offset, nbytes = meta["at"]
+                raw = encode(tensors[meta["point"]].contiguous())[0]
+                assert blob[offset:offset + nbytes].tobytes() == raw.tobytes()
+                assert meta["crc32"] == (zlib.crc32(raw.tobytes()) if raw.size else 0)
+    assert seen == set(tensors)
 
 
 # -- the writer process ------------------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ import time
 import numpy as np
 
 from tensortap.capture import frames
-from tensortap.format import stats
+from tensortap.format import schema, stats
 from tensortap.format.segment import PendingRecord, SegmentWriter
 from tensortap.text import one_line
 
 
 class Recorder:
-    """Stats and segments for one writer run; `written`/`written_bytes` count what reached a segment."""
+    """Stats and segments for one writer run; `written`/`written_bytes` count what was committed."""
 
     def __init__(self, opening: dict):
         self.segments = SegmentWriter(opening["dir"], opening["rank"], opening["root_attrs"], opening["compress"],
@@ -37,6 +37,7 @@ class Recorder:
                                       bool(opening.get("checksum", False)))
         self.written = 0
         self.written_bytes = 0
+        self._held = [0, 0]  # records and bytes written since the last commit
 
     @property
     def where(self) -> str:
@@ -46,19 +47,26 @@ class Recorder:
         """One record. `meta_json` is the metadata as the server encoded it (without stats), or None
         when `meta` is to be encoded here (writer=thread): either way it is encoded once."""
         self.segments.write(build_record(meta, meta_json, arrays, full))
-        self.written += 1
+        self._held[0] += 1
         data = arrays.get("data")
         if full and data is not None:
-            self.written_bytes += data.nbytes
+            self._held[1] += data.nbytes
 
     def commit(self, totals: dict) -> None:
         self.segments.totals = {f"{k}_total": int(v) for k, v in totals.items()}
         self.segments.commit()
+        self._committed()
 
     def close(self, totals: dict | None = None) -> None:
         if totals:
             self.segments.totals = {f"{k}_total": int(v) for k, v in totals.items()}
         self.segments.close_segment()
+        self._committed()
+
+    def _committed(self) -> None:
+        self.written += self._held[0]
+        self.written_bytes += self._held[1]
+        self._held = [0, 0]
 
     def mark_failure(self, attrs: dict) -> None:
         self.segments.mark_failure(attrs)
@@ -69,6 +77,10 @@ def build_record(meta: dict, meta_json: str | None, arrays: dict, full: bool) ->
     full mode keeps the tensor, stats mode its stats array instead."""
     data = arrays.get("data")
     dtype, point = meta["dtype"], meta["point"]
+    if not schema.LOCATION_FIELDS_SET.isdisjoint(meta):  # only the segment writer says where bytes are
+        for key in schema.LOCATION_FIELDS:
+            meta.pop(key, None)
+        meta_json = None
     if data is not None:
         shape = tuple(data.shape)
         scalars, stats_array = stats.compute(data, dtype, point, keep_arrays=not full)

@@ -1,7 +1,8 @@
 """Reading segments: the only reader-side code that calls h5py.
 
 A committed segment is listed from its index (one read); a `.tmp` segment left by a crash is
-scanned group by group up to its last complete record, and the truncation is reported. A `.tmp`
+scanned batch by batch (format 2; group by group in format 1) up to its last complete one, and the
+truncation is reported. A `.tmp`
 segment whose writer is still alive is reported as still being written; one that its writer
 renames to its final name while we look is re-found under that name (live.py). Every dataset is
 checked (validate.py) before it is read; a record whose metadata is malformed is set aside with
@@ -25,6 +26,7 @@ from tensortap.text import human_bytes
 
 # How long a reader waits for a live writer's segment that cannot be read yet (mid-commit).
 LIVE_WAIT_S = 3.0
+NOT_CLOSED = "not closed (writer killed); every flushed record is kept"
 MAX_DEPTH = 32  # directories below a dump directory that are searched for segments
 
 
@@ -107,13 +109,18 @@ class SegmentReader:
             raise FormatError(self.path, f"no '/{schema.RECORDS_GROUP}' group", validate.NOT_A_DUMP_FIX)
         return self.file[schema.RECORDS_GROUP]
 
+    @property
+    def batched(self) -> bool:
+        """Format 2 and later: records live in batch datasets."""
+        return self.root.get("tensortap_format", 1) >= schema.BATCHED_VERSION
+
     def _list(self) -> tuple[list[dict], SegmentInfo]:
         records = self._records_group()
         if schema.INDEX_DATASET + "_meta" in self.file:
             metas = self._from_index()
             self._check_declared(metas)
             return metas, SegmentInfo(self.path, True, len(metas), self.root, problems=self.problems)
-        metas, truncation = self._scan(records)
+        metas, truncation = self._scan_batches(records) if self.batched else self._scan(records)
         self._check_declared(metas)
         return metas, SegmentInfo(self.path, False, len(metas), self.root, truncation, problems=self.problems)
 
@@ -139,10 +146,11 @@ class SegmentReader:
                                              f"in a {human_bytes(size)} file{how}; refusing the file",
                                   validate.NOT_A_DUMP_FIX)
 
-    def _check(self, meta: dict, what: str) -> dict | None:
-        """The record's metadata if valid; else its problem is kept and None returned."""
+    def _check(self, meta: dict, what: str, batch_bytes: int | None = None) -> dict | None:
+        """The record's metadata if valid (with where its bytes are, in format 2: `batch_bytes` is the
+        length of its batch dataset when known); else its problem is kept and None returned."""
         try:
-            return validate.check_meta(self.path, meta, what, self.root.get("rank"))
+            return validate.check_meta(self.path, meta, what, self.root.get("rank"), self.batched, batch_bytes)
         except FormatError as exc:
             self.problems.append(exc)
             return None
@@ -198,7 +206,48 @@ class SegmentReader:
             if meta.get("stored", True) and meta["point"] not in group:
                 return metas, f"stops at record {name}: it lacks its tensor"
             metas.append(meta)
-        return metas, "not closed (writer killed); every flushed record is kept"
+        return metas, NOT_CLOSED
+
+    def _scan_batches(self, records: h5py.Group) -> tuple[list[dict], str]:
+        """Format 2: the records of an uncommitted segment, batch by batch, up to the first incomplete
+        batch. If the record list itself cannot be listed (a kill tore its link heap mid-flush), the
+        batches are looked up by name, 0, 1, 2, ..., up to the first that cannot be found."""
+        metas, size = [], self.size
+        try:
+            names = sorted(records)
+            salvage = ""
+        except Exception as exc:
+            names = None
+            salvage = f"; its record list was torn ({type(exc).__name__}), batches were found by name"
+        batch = 0
+        while names is None or batch < len(names):
+            name = schema.batch_name(batch) if names is None else names[batch]
+            try:
+                if names is None and records.get(name, getlink=True) is None:
+                    break
+                dataset = self._batch_dataset(records, name)
+                entries = validate.parse_batch_meta(self.path, dataset, size)
+            except FormatError as exc:
+                return metas, f"stops at batch {name}: {exc.problem}{salvage}"
+            except Exception as exc:
+                if names is None:
+                    break
+                return metas, f"stops at batch {name}: {type(exc).__name__}{salvage}"
+            if name != schema.batch_name(batch):
+                return metas, f"stops at batch {name}: batch {schema.batch_name(batch)} is missing{salvage}"
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, dict):
+                    self.problems.append(FormatError(self.path, f"batch {name}, entry {i}: not a JSON object"))
+                    continue
+                meta = self._check(entry, f"record {entry.get('seq', f'{name}[{i}]')!s:.20}", dataset.shape[0])
+                if meta is not None and meta["batch"] != batch:
+                    self.problems.append(FormatError(self.path, f"record {meta['seq']}: key 'batch': says "
+                                                                f"{meta['batch']}, but it is in batch {batch}"))
+                    continue
+                if meta is not None:
+                    metas.append(meta)
+            batch += 1
+        return metas, NOT_CLOSED + salvage
 
     # -- tensors ---------------------------------------------------------------------------
     def _member(self, parent: h5py.Group, name: str, kind: type):
@@ -219,6 +268,28 @@ class SegmentReader:
             raise FormatError(self.path, f"record '{name}' is missing")
         return group
 
+    def _batch_dataset(self, records: h5py.Group, name: str) -> h5py.Dataset:
+        dataset = self._member(records, name, h5py.Dataset)
+        if dataset is None:
+            raise FormatError(self.path, f"batch '{name}' is missing")
+        if dataset.dtype != np.uint8 or dataset.ndim != 1:
+            raise FormatError(self.path, f"batch '{name}' is not a 1-D uint8 dataset ({dataset.dtype}, "
+                                         f"{dataset.ndim}-D)")
+        return dataset
+
+    def _read_span(self, meta: dict, key: str, what: str) -> np.ndarray:
+        """Format 2: the bytes [offset, offset + nbytes) of the record's batch that `meta[key]` names."""
+        dataset = self._batch_dataset(self.file[schema.RECORDS_GROUP], schema.batch_name(meta["batch"]))
+        validate.check_storage(self.path, dataset, self.size)
+        offset, nbytes = meta[key]
+        if offset + nbytes > dataset.shape[0]:
+            raise FormatError(self.path, f"{what}: bytes {offset}..{offset + nbytes} lie outside its batch "
+                                         f"({dataset.shape[0]} bytes)")
+        out = np.empty(nbytes, dtype=np.uint8)  # [nbytes]
+        if nbytes:
+            dataset.read_direct(out, source_sel=np.s_[offset:offset + nbytes])
+        return out
+
     def _dataset(self, meta: dict, name: str) -> h5py.Dataset | None:
         group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(meta["seq"]))
         return self._member(group, name, h5py.Dataset)
@@ -227,6 +298,8 @@ class SegmentReader:
         """The record's stored array (raw bits for bf16/fp8), checked against its metadata and digest."""
         what = f"record {meta['seq']} ({meta['name']})"
         try:
+            if "batch" in meta:
+                return self._read_batched(meta, what)
             dataset = self._dataset(meta, meta["point"])
             if dataset is None:
                 raise FormatError(self.path, f"{what} holds stats only (mode=stats)")
@@ -244,10 +317,22 @@ class SegmentReader:
         except Exception as exc:
             raise FormatError(self.path, f"{what} is unreadable ({type(exc).__name__}: {exc})") from None
 
+    def _read_batched(self, meta: dict, what: str) -> np.ndarray:
+        if "at" not in meta:
+            raise FormatError(self.path, f"{what} holds stats only (mode=stats)")
+        raw = self._read_span(meta, "at", what)  # [nbytes]
+        validate.check_crc_value(self.path, meta.get("crc32"), raw, what)
+        return raw.view(STORED[meta["dtype"]][0]).reshape(meta["shape"])
+
     def read_stats(self, meta: dict) -> np.ndarray | None:
         """The record's per-head ([T, H] norm/zeros) or per-row ([T] valid count) stats array."""
         what = f"stats of record {meta['seq']} ({meta['name']})"
         try:
+            if "batch" in meta:
+                if "stats_at" not in meta:
+                    return None
+                dtype, rows = validate.stats_layout(self.path, meta)
+                return self._read_span(meta, "stats_at", what).view(dtype).reshape(rows)
             size = self.size
             group = self._group(self.file[schema.RECORDS_GROUP], schema.record_group_name(meta["seq"]))
             value = validate.read_attr(self.path, group, schema.STATS_DATASET, schema.STATS_ATTR_MAX_BYTES, size)
@@ -343,9 +428,10 @@ def read_segment(path: str, wait_s: float = LIVE_WAIT_S) -> tuple[SegmentInfo, l
         if writer is not None:
             info.live = True
             info.truncation = f"still being written by {writer}; {info.records} record(s) readable so far"
-        elif live.elsewhere(info.root) and info.truncation.startswith("not closed"):
-            info.truncation = (f"not closed (its writer on host {live.elsewhere(info.root)} was killed, or is still "
-                               f"running there); every flushed record is kept")
+        elif live.elsewhere(info.root) and info.truncation.startswith(NOT_CLOSED):
+            info.truncation = info.truncation.replace(NOT_CLOSED, (
+                f"not closed (its writer on host {live.elsewhere(info.root)} was killed, or is still running there); "
+                f"every flushed record is kept"))
         return info, metas
 
 

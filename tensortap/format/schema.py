@@ -1,4 +1,4 @@
-"""The on-disk layout of a tensortap segment (format version 1). No h5py here: names and numbers only.
+"""The on-disk layout of a tensortap segment (format version 2; version 1 is still read). No h5py here.
 
 A dump is a directory of segments, one writer process writing one sequence of them:
 
@@ -8,15 +8,26 @@ A dump is a directory of segments, one writer process writing one sequence of th
 
 Inside a segment (HDF5, superblock of the 1.8 format so that a crashed file still opens):
 
-    /                     attrs: tensortap_format=1, identity (host, pid, ...), config (JSON)
-    /records/{seq:012d}   one group per record
-        attrs: meta       JSON: every metadata field of the record (DESIGN section 3)
-        <point>           the tensor; bfloat16 and float8 as raw bits with a `dtype` attribute, and
-                          with checksum=on a `crc32` attribute (uint32: zlib.crc32 of the stored bytes)
-        _stats            capture-time stats (head stats [T, H] or valid-per-row [T]): an attribute
-                          up to 32 KiB, a dataset beyond
-    /index                compound table of every record (INDEX_DTYPE), written at close:
-                          its presence is the commit marker
+    /                       attrs: tensortap_format=2, identity (host, pid, ...), config (JSON)
+    /records/{batch:012d}   one uint8 dataset per committed batch (one forward; batches 0, 1, 2, ...
+                            of the segment): the stored bytes of its records back to back, each
+                            starting at a multiple of BATCH_ALIGN
+        attrs: meta         JSON list: each record's metadata (DESIGN section 3), with where its
+                            bytes are: "batch" (this dataset's number), "at": [offset, nbytes] of the
+                            tensor (stored records; bfloat16 and float8 as raw bits, named by "dtype"),
+                            "stats_at": [offset, nbytes] of its stats array (head stats [T, H] or
+                            valid-per-row [T]) and, with checksum=on, "crc32" (zlib.crc32 of the
+                            tensor's stored bytes)
+    /index                  compound table of every record (INDEX_DTYPE), and /index_meta (each
+                            record's metadata as above), written at close: the commit marker
+
+One dataset per batch rather than a group per record: HDF5 spends ~100 us of CPU per object and
+attribute it creates, which per record costs more than the bytes themselves (benchmarks/capture.py).
+
+Format version 1 (still read) has a group per record instead:
+
+    /records/{seq:012d}   attrs: meta (JSON); <point>: the tensor, with `dtype` (raw bits) and
+                          `crc32` attributes; _stats: its stats array (an attribute up to 32 KiB)
 """
 
 from __future__ import annotations
@@ -28,8 +39,10 @@ import numpy as np
 
 from tensortap import vocab
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+BATCHED_VERSION = 2  # from this version on, records live in batch datasets
+BATCH_ALIGN = 64  # every record's bytes start at a multiple of this in its batch
 SUFFIX = ".tap.h5"
 TMP_SUFFIX = ".tap.h5.tmp"
 ERROR_SUFFIX = ".error.json"  # beside a segment whose writer hit an error: what was lost
@@ -84,6 +97,11 @@ RECORD_FIELDS = (
     Field("stored", "bool", system=True),
     Field("stats", "dict", system=True),
     Field("dropped_before", "int", system=True, index="<i8"),
+    # where the record's bytes are (format 2, set by the segment writer)
+    Field("batch", "int", system=True),
+    Field("at", "ints", system=True),
+    Field("stats_at", "ints", system=True),
+    Field("crc32", "int", system=True),
     # where in the run (scope)
     Field("step", "int", index="<i8"),
     Field("layer", "int", index="<i4"),
@@ -126,6 +144,8 @@ RECORD_FIELDS = (
 FIELDS = {f.name: f for f in RECORD_FIELDS}
 INT_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.kind == "int")
 SYSTEM_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.system)
+LOCATION_FIELDS = ("batch", "at", "stats_at", "crc32")  # written by the segment writer, never by a caller
+LOCATION_FIELDS_SET = frozenset(LOCATION_FIELDS)
 # Integer stats every record's `stats` may carry (format/stats.py), as readers show them.
 INT_STATS = ("nonfinite", "nan", "posinf", "neginf", "zero_heads", "empty_rows")
 
@@ -190,15 +210,18 @@ def field_problem(key: str, value) -> str | None:
     return f"{key} is not {expected} ({value!r})"
 
 
+# (name, width of its string column or 0 for an integer column) of every indexed field, in column order
+_INDEXED = tuple((f.name, int(f.index[1:]) if f.index.startswith("S") else 0)
+                 for f in RECORD_FIELDS if f.index is not None)
+
+
 def index_row(meta: dict, shape: tuple, nbytes: int, stored: bool, stats: dict) -> tuple:
     """One row of the index table (INDEX_DTYPE) for a record with JSON metadata `meta`."""
     row = []
-    for f in RECORD_FIELDS:
-        if f.index is None:
-            continue
-        value = meta.get(f.name)
-        if f.index.startswith("S"):
-            row.append(str(value if value is not None else "").encode()[: int(f.index[1:])])
+    for name, width in _INDEXED:
+        value = meta.get(name)
+        if width:
+            row.append(str(value if value is not None else "").encode()[:width])
         else:
             row.append(-1 if value is None else int(value))
     dims = list(shape)[:MAX_NDIM]
@@ -227,4 +250,10 @@ def segment_name(rank: int, host: str, pid: int, seg: int, run_id: str = "") -> 
 
 
 def record_group_name(seq: int) -> str:
+    """Format 1: the group of the record with this seq."""
     return f"{seq:012d}"
+
+
+def batch_name(batch: int) -> str:
+    """Format 2: the dataset of the segment's batch number `batch` (0, 1, 2, ...)."""
+    return f"{batch:012d}"

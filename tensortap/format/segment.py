@@ -1,17 +1,21 @@
 """Writing segments: the only writer-side code that calls h5py.
 
-A segment is created as `.tmp` (O_EXCL: no write ever replaces a segment), gets one HDF5 group per
-record, and is flushed once per batch handed over (`commit`: one forward); a SIGKILL keeps every
-record of every committed batch readable. At rotation or close it gets its index table (the
+A segment is created as `.tmp` (O_EXCL: no write ever replaces a segment). Records are held until
+their batch is committed (`commit`: one forward, or what queued up behind a slow disk); then the
+batch becomes one uint8 dataset holding every record's bytes back to back, its `meta` attribute (a
+JSON list of the records' metadata, each with where its bytes are) and one HDF5 flush. A SIGKILL
+keeps every committed batch readable. At rotation or close the segment gets its index table (the
 commit marker), is closed, fsync'd and renamed to its final name without replacing anything.
 
-The loss totals (records_total, ..., graph_skipped_total) are root attributes kept current at
-every commit, so a crashed segment carries them as of its last flush point.
+The bytes of an uncompressed batch go to the file with one pwritev into the space HDF5 allocated
+for the dataset (allocated at creation, never filled): no copy, no type conversion, the GIL released,
+and the data is in the file before the flush that makes the metadata point at it. Batches up to
+1 KiB live in their object header; compressed batches go through h5py (chunked, filtered).
 
-Per record: one group, one dataset (contiguous, written by h5py with the GIL released; compact, in
-its object header, up to 1 KiB: larger data is written at once, not by the flush), the `meta` attribute, and where needed `dtype`, `crc32` and `_stats`; h5py's low-level API throughout, with
-type and dataspace ids cached. The metadata cache is kept small: HDF5's flush walks every cached
-entry, so a large cache makes each commit cost more as the segment grows (measured here).
+The loss totals (records_total, ..., graph_skipped_total) are root attributes kept current at
+every commit, so a crashed segment carries them as of its last flush point. The metadata cache is
+kept small: HDF5's flush walks every cached entry, so a large cache makes each commit cost more as
+the segment grows (measured here).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import time
 import zlib
@@ -29,14 +34,13 @@ import numpy as np
 from h5py import h5a, h5d, h5g, h5p, h5s, h5t
 
 from tensortap.format import schema
-from tensortap.format.codecs import RAW_BITS, STORED
+from tensortap.format.codecs import STORED
 
 # Superblock of the 1.8 format: later ones set a "file open for write" flag that makes a
 # SIGKILLed segment unreadable without h5clear. Measured here; see DESIGN section 5.
 LIBVER = ("v108", "v108")
 METADATA_CACHE_BYTES = 256 << 10
-CRC_ATTR = "crc32"
-COMPACT_BYTES = 1 << 10  # tensors up to this size are stored in their object header (no separate block)
+COMPACT_BYTES = 1 << 10  # batches up to this size are stored in their object header (no separate block)
 _SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 
 
@@ -119,61 +123,90 @@ class SegmentWriter:
         self._scalar = h5s.create(h5s.SCALAR)
         self._gcpl = h5p.create(h5p.GROUP_CREATE)
         self._gcpl.set_obj_track_times(False)
-        self._dcpl = h5p.create(h5p.DATASET_CREATE)
-        self._dcpl.set_obj_track_times(False)
-        self._dcpl.set_fill_time(h5d.FILL_TIME_NEVER)  # every byte is written right after
-        self._compact = h5p.create(h5p.DATASET_CREATE)  # small tensors: inside their object header
+        self._early = h5p.create(h5p.DATASET_CREATE)  # space at creation, never filled: pwritev fills it
+        self._early.set_obj_track_times(False)
+        self._early.set_fill_time(h5d.FILL_TIME_NEVER)
+        self._early.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+        self._compact = h5p.create(h5p.DATASET_CREATE)  # small batches: inside their object header
         self._compact.set_obj_track_times(False)
         self._compact.set_layout(h5d.COMPACT)
+        self._u8 = h5t.py_create(np.dtype("u1"))
+        self._held: list[PendingRecord] = []  # written, not committed yet
+        self._batch = 0  # the next batch dataset's number in the open segment
+        self._fd = -1  # the open segment, for pwritev
         self.paths: list[str] = []  # closed segments
 
     # -- records ---------------------------------------------------------------------------
     def write(self, rec: PendingRecord) -> None:
-        """Write one record (visible after a crash once `commit` has flushed it)."""
-        if self._file is None:
-            self._open_next()
-        group = h5g.create(self._records.id, schema.record_group_name(rec.seq).encode(), None, self._gcpl)
-        if rec.array is not None:
-            dataset = self._write_tensor(group, rec.meta["point"], rec.array)
-            if rec.dtype in RAW_BITS:
-                self._text_attr(dataset, schema.DTYPE_ATTR, rec.dtype)
-            if self.checksum:
-                attr = h5a.create(dataset, CRC_ATTR.encode(), h5t.STD_U32LE, self._scalar)
-                attr.write(np.array(crc32(rec.array), dtype="<u4"))
-        if rec.stats_array is not None:
-            if rec.stats_array.nbytes <= schema.STATS_ATTR_MAX_BYTES:
-                attr = h5a.create(group, schema.STATS_DATASET.encode(), self._type(rec.stats_array.dtype),
-                                  self._space(rec.stats_array.shape))
-                attr.write(np.ascontiguousarray(rec.stats_array))
-            else:
-                self._dataset(group, schema.STATS_DATASET, rec.stats_array)
-        self._text_attr(group, schema.META_ATTR, rec.meta_json)
-        self._rows.append(_index_row(rec))
-        self._metas.append(rec.meta_json)
-        self._bytes += rec.nbytes
-        self._dirty = True
-        if len(self._rows) >= self.segment_records or self._bytes >= self.segment_bytes:
-            self.close_segment()
+        """Hold one record for the next commit (the batch it belongs to)."""
+        self._held.append(rec)
 
     def commit(self) -> None:
-        """The flush point of a batch: the totals brought up to date, then one HDF5 flush."""
-        if self._file is None or not self._dirty:
-            return
+        """The flush point of a batch: the held records as batch datasets (split where a segment fills
+        up), the totals brought up to date, then one HDF5 flush per segment written."""
+        held, self._held = self._held, []
+        while held:
+            if self._file is None:
+                self._open_next()
+            room = self._room(held)
+            self._write_batch(held[:room])
+            held = held[room:]
+            self._flush()
+            if len(self._rows) >= self.segment_records or self._bytes >= self.segment_bytes:
+                self.close_segment()
+        if self._file is not None and self._dirty:
+            self._flush()
+
+    def _room(self, held: list) -> int:
+        """How many of `held` go into the open segment: up to its record and byte limits (at least one)."""
+        count, nbytes = len(self._rows), self._bytes
+        for i, rec in enumerate(held):
+            count, nbytes = count + 1, nbytes + rec.nbytes
+            if count >= self.segment_records or nbytes >= self.segment_bytes:
+                return i + 1
+        return len(held)
+
+    def _flush(self) -> None:
         self._write_totals()
         self._file.flush()
         self._dirty = False
 
-    def _write_tensor(self, group, point: str, array: np.ndarray):
+    def _write_batch(self, records: list) -> None:
+        """One batch dataset: the records' bytes at BATCH_ALIGN-aligned offsets, their metadata in `meta`."""
+        batch = self._batch
+        pieces, texts, offset = [], [], 0
+        for rec in records:
+            where = [f'"batch":{batch}']
+            if rec.array is not None:
+                flat = _bytes_of(rec.array)  # [nbytes]
+                where.append(f'"at":[{offset},{flat.size}]')
+                if self.checksum:
+                    where.append(f'"crc32":{zlib.crc32(flat) if flat.size else 0}')
+                offset = _place(pieces, flat, offset)
+            if rec.stats_array is not None:
+                flat = _bytes_of(rec.stats_array)  # [nbytes]
+                where.append(f'"stats_at":[{offset},{flat.size}]')
+                offset = _place(pieces, flat, offset)
+            body = rec.meta_json.rstrip()[:-1].rstrip()
+            texts.append(f'{body}{"," if body != "{" else ""}{",".join(where)}}}')
+        name = schema.batch_name(batch).encode()
         if self._dataset_options:
-            return h5py.Group(group).create_dataset(point, data=array, **self._dataset_options).id
-        return self._dataset(group, point, array, compact=0 < array.nbytes <= COMPACT_BYTES)
-
-    def _dataset(self, location, name: str, data: np.ndarray, compact: bool = False):
-        plist = self._compact if compact else self._dcpl
-        dataset = h5d.create(location, name.encode(), self._type(data.dtype), self._space(data.shape), plist)
-        if data.size:
-            dataset.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data) if data.ndim else data)
-        return dataset
+            blob = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)  # [offset]
+            dataset = self._records.create_dataset(name.decode(), data=blob, **self._dataset_options).id
+        elif offset <= COMPACT_BYTES:
+            dataset = h5d.create(self._records.id, name, self._u8, self._space((offset,)), self._compact)
+            if offset:
+                dataset.write(h5s.ALL, h5s.ALL, np.concatenate(pieces))  # [offset]
+        else:
+            dataset = h5d.create(self._records.id, name, self._u8, self._space((offset,)), self._early)
+            _pwritev_all(self._fd, pieces, dataset.get_offset())
+        self._text_attr(dataset, schema.META_ATTR, "[" + ",".join(texts) + "]")
+        for rec, text in zip(records, texts):
+            self._rows.append(_index_row(rec))
+            self._metas.append(text)
+            self._bytes += rec.nbytes
+        self._batch += 1
+        self._dirty = True
 
     def _type(self, dtype: np.dtype):
         key = dtype.str if dtype.fields is None else str(dtype.descr)
@@ -241,7 +274,8 @@ class SegmentWriter:
             attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
         self._records = self._file.create_group(schema.RECORDS_GROUP)
         self._written_totals = {}
-        self._rows, self._metas, self._bytes = [], [], 0
+        self._rows, self._metas, self._bytes, self._batch = [], [], 0, 0
+        self._fd = os.open(self._tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         self._dirty = True
         for name in schema.LOSS_TOTALS:  # made now, rewritten in place later: the root header never grows
             self.totals.setdefault(name, 0)
@@ -253,7 +287,10 @@ class SegmentWriter:
         return schema.segment_name(self.rank, self._host, self._pid, self._seg, self._run_id)
 
     def close_segment(self, final_attrs: dict | None = None) -> None:
-        """Write the index (commit marker) and the final totals, close, fsync and rename the open segment."""
+        """Commit what is held, write the index (commit marker) and the final totals, close, fsync and
+        rename the open segment."""
+        if self._held:
+            self.commit()
         if self._file is None:
             return
         f, self._file = self._file, None
@@ -278,8 +315,11 @@ class SegmentWriter:
             self._file = None
             self._written_totals = {}
             f.close()
-        with open(self._tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fd, self._fd = self._fd, -1
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         final = self._tmp_path[: -len(".tmp")]
         while True:
             try:
@@ -302,6 +342,10 @@ class SegmentWriter:
             return
         f, self._file = self._file, None
         self._written_totals = {}
+        self._held = []
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             fd = f.id.get_vfd_handle()
             devnull = os.open(os.devnull, os.O_RDWR)
@@ -324,13 +368,6 @@ class SegmentWriter:
     @property
     def open_path(self) -> str | None:
         return self._tmp_path if self._file is not None else None
-
-
-def crc32(array: np.ndarray) -> int:
-    """zlib.crc32 of the stored bytes in C order (0 for an empty array); zlib releases the GIL."""
-    if not array.size:
-        return 0
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 _RENAME_NOREPLACE = 1
@@ -361,6 +398,40 @@ def rename_no_replace(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
+_ZEROS = bytes(schema.BATCH_ALIGN)
+_IOV_MAX = 512  # iovecs per pwritev call (Linux allows 1024)
+
+
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    """The stored bytes of an array in C order, without a copy when it is contiguous."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # [nbytes]
+
+
+def _place(pieces: list, flat: np.ndarray, offset: int) -> int:
+    """Append `flat` (and the padding to the next BATCH_ALIGN boundary) to `pieces`; the next offset."""
+    pieces.append(flat)
+    end = offset + flat.size
+    pad = -end % schema.BATCH_ALIGN
+    if pad:
+        pieces.append(np.frombuffer(_ZEROS, np.uint8, pad))  # [pad]
+    return end + pad
+
+
+def _pwritev_all(fd: int, pieces: list, offset: int) -> None:
+    """Write every piece, in order, from file offset `offset` (pwritev may write less than asked)."""
+    views = [memoryview(p) for p in pieces if p.size]
+    while views:
+        chunk = views[:_IOV_MAX]
+        done = os.pwritev(fd, chunk, offset)
+        offset += done
+        while chunk and done >= chunk[0].nbytes:  # drop what was written whole
+            done -= chunk[0].nbytes
+            chunk.pop(0)
+            views.pop(0)
+        if done:  # a piece written in part: its rest goes next
+            views[0] = views[0][done:]
+
+
 def _index_row(rec: PendingRecord) -> tuple:
-    nbytes = int(np.prod(rec.shape, dtype=np.int64)) * STORED[rec.dtype][0].itemsize
+    nbytes = math.prod(rec.shape) * STORED[rec.dtype][0].itemsize
     return schema.index_row(rec.meta, tuple(rec.shape), nbytes, rec.array is not None, rec.stats)

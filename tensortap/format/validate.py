@@ -248,6 +248,16 @@ def check_crc(path: str, dataset: h5py.Dataset, array: np.ndarray, what: str, si
                                 f"the file was changed after capture", "recapture, or restore the file")
 
 
+def check_crc_value(path: str, expected, raw: np.ndarray, what: str) -> None:
+    """Format 2: the record's "crc32" (already checked to be a uint32) against its stored bytes `raw`."""
+    if expected is None:
+        return
+    actual = zlib.crc32(raw) if raw.size else 0
+    if actual != expected:
+        raise FormatError(path, f"{what}: stored bytes fail their crc32 check ({actual:#010x} != {expected:#010x}); "
+                                f"the file was changed after capture", "recapture, or restore the file")
+
+
 # -- attributes and metadata -------------------------------------------------------------------------
 def read_attr(path: str, obj, name: str, max_bytes: int = schema.MAX_META_CHARS, size: int | None = None):
     """An attribute's value, or None when absent; its declared size is checked (against `max_bytes`
@@ -274,6 +284,14 @@ def parse_meta(path: str, group: h5py.Group, size: int) -> dict:
     if raw is None:
         raise FormatError(path, f"'{group.name}' has no '{schema.META_ATTR}' attribute")
     return parse_json(path, raw, f"'{group.name}' metadata")
+
+
+def parse_batch_meta(path: str, dataset: h5py.Dataset, size: int) -> list:
+    """Format 2: a batch dataset's `meta` attribute (a JSON list, bounded in size)."""
+    raw = read_attr(path, dataset, schema.META_ATTR, schema.MAX_META_CHARS, size)
+    if raw is None:
+        raise FormatError(path, f"'{dataset.name}' has no '{schema.META_ATTR}' attribute")
+    return parse_json(path, raw, f"'{dataset.name}' metadata", kind=list)
 
 
 def parse_json(path: str, raw, what: str, kind: type = dict):
@@ -328,7 +346,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_meta(path: str, meta: dict, what: str, root_rank=None) -> dict:
+def check_meta(path: str, meta: dict, what: str, root_rank=None, batched: bool | None = None,
+               batch_bytes: int | None = None) -> dict:
     """A record's metadata against the schema (schema.RECORD_FIELDS): what the reader and the analyzer
     rely on is well formed, or FormatError names the file, the record (`what`) and the key.
 
@@ -385,7 +404,61 @@ def check_meta(path: str, meta: dict, what: str, root_rank=None) -> dict:
     for key, value in meta.items():
         if isinstance(value, float) and schema.FIELDS.get(key) is not None and not math.isfinite(value):
             raise bad(key, f"is not finite ({value!r})")
+    if batched is not None:
+        check_location(path, meta, what, batched, batch_bytes)
     return meta
+
+
+def stats_layout(path: str, meta: dict) -> tuple[np.dtype, list]:
+    """(dtype, shape) of a record's stats array, as format/stats.py makes it: head stats [T, H] for a
+    [T, H, D] head point, valid-per-row [T] for a [T, K] index point."""
+    point, shape = meta["point"], meta["shape"]
+    if point in schema.HEAD_POINTS and len(shape) == 3:
+        return schema.HEAD_STATS_DTYPE, shape[:2]
+    if point in schema.INDEX_POINTS and len(shape) == 2:
+        return schema.ROW_STATS_DTYPE, shape[:1]
+    raise FormatError(path, f"point {point!r} of shape {shape} has no stats array")
+
+
+def check_location(path: str, meta: dict, what: str, batched: bool, batch_bytes: int | None = None) -> None:
+    """Where a record's bytes are. Format 2: "batch", "at" (stored records; exactly the bytes its dtype and
+    shape declare), "stats_at" (its stats array's bytes) and "crc32", each well formed and inside the
+    batch (`batch_bytes` long, when known). Format 1 records carry none of these keys."""
+    from tensortap.format.codecs import STORED
+
+    def bad(key: str, problem: str) -> FormatError:
+        return FormatError(path, f"{what}: key '{key}': {problem}")
+
+    if not batched:
+        for key in schema.LOCATION_FIELDS:
+            if key in meta:
+                raise bad(key, "format 1 records have no such key")
+        return
+    if "batch" not in meta:
+        raise bad("batch", "is missing")
+    if meta["batch"] < 0:
+        raise bad("batch", f"is negative ({meta['batch']})")
+    stored = meta.get("stored", True)
+    if stored != ("at" in meta):
+        raise bad("at", "is missing (the record is stored)" if stored else "is given, but the record holds stats only")
+    spans = {}
+    if "at" in meta:
+        spans["at"] = math.prod(meta["shape"]) * STORED[meta["dtype"]][0].itemsize
+    if "stats_at" in meta:
+        try:
+            dtype, rows = stats_layout(path, meta)
+        except FormatError as exc:
+            raise bad("stats_at", exc.problem) from None
+        spans["stats_at"] = math.prod(rows) * dtype.itemsize
+    for key, declared in spans.items():
+        span = meta[key]
+        if len(span) != 2 or span[0] < 0 or span[1] != declared:
+            raise bad(key, f"is not [offset, {declared}] ({span!r:.80})")
+        if batch_bytes is not None and span[0] + span[1] > batch_bytes:
+            raise bad(key, f"bytes {span[0]}..{span[0] + span[1]} lie outside the batch ({batch_bytes} bytes)")
+    crc = meta.get("crc32")
+    if crc is not None and not 0 <= crc < 1 << 32:
+        raise bad("crc32", f"is not an unsigned 32-bit integer ({crc!r})")
 
 
 def check_root(path: str, root: dict) -> dict:
