@@ -34,6 +34,7 @@ def cases():
     yield "lse", torch.full((2, 3), float("-inf"))  # no finite value: absmax 0
     yield "topk", idx
     yield "topk", torch.full((1, 4), -1, dtype=torch.int32)  # T=1, all -1
+    yield "slots", torch.tensor([[-(2**31), 5, -1], [3, -1, 7]], dtype=torch.int32)  # |int32 min| does not fit int32
     yield "slots", torch.zeros(0, 4, dtype=torch.int32)  # a rank that owns nothing
     yield "block_table", torch.arange(12, dtype=torch.int64).view(3, 4)
     yield "kv_pages", torch.randint(0, 255, (2, 4, 656), dtype=torch.uint8, generator=g)
@@ -75,3 +76,73 @@ def test_the_hash_matches_the_numpy_definition():
     y = x.clone()
     y.view(torch.int16)[0, 0] += 1  # one bit
     assert int(device_stats.consensus_hash(y)) != expected
+
+
+
+def row_cases():
+    """(point, tensor, n) for the cases with rows along dimension 0 (not kv_pages/block_table), with
+    row counts to keep: none, one, half, all."""
+    for point, tensor in cases():
+        if point not in ("kv_pages", "block_table") and tensor.dim() >= 1:
+            for n in sorted({0, min(1, tensor.shape[0]), tensor.shape[0] // 2, tensor.shape[0]}):
+                yield point, tensor, n
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype.is_floating_point else t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(range(len(list(row_cases())))))
+def test_per_row_partials_finished_for_n_rows_equal_the_parts_of_those_rows(device, case):
+    """Graph slots hold the partials per row; finish(., n) on the host gives exactly parts(x[:n])."""
+    point, tensor, n = list(row_cases())[case]
+    padded = device_stats.partials(tensor.to(device), point, rows=True)
+    global_keys = ("part:buckets", "part:absmax", "part:min", "part:max", "part:hash")
+    assert not any(key in padded for key in global_keys), "per row, nothing is reduced over the rows"
+    got = device_stats.finish({k: v.cpu() for k, v in padded.items()}, n)
+    want = {k: v.cpu() for k, v in device_stats.parts(tensor[:n].contiguous().to(device), point).items()}
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert torch.equal(bits(got[key]), bits(want[key])), key  # bit for bit, NaN == NaN
+
+
+def test_junk_padding_rows_do_not_reach_the_finished_stats():
+    x = torch.randn(6, 4, 8)  # [T, H, D]: rows 4 and 5 are graph padding
+    x[4:] = float("nan")
+    x[5, 0, 0] = float("inf")
+    rows = device_stats.partials(x, "merged_out", rows=True)
+    real = {k: v.numpy() for k, v in device_stats.finish(rows, 4).items()}
+    scalars, array = stats.from_parts(real, "float32", "merged_out", [4, 4, 8])
+    assert scalars["nonfinite"] == 0 and scalars["absmax"] == float(x[:4].abs().max()) and array.shape == (4, 4)
+    everything = {k: v.numpy() for k, v in device_stats.finish(rows).items()}
+    assert stats.from_parts(everything, "float32", "merged_out", [6, 4, 8])[0]["nonfinite"] == 2 * 4 * 8
+
+
+class _Operations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten operations that make a tensor (views are free): what the caller launches, one kernel
+    each (on CUDA a float64 norm of another dtype adds its cast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("point, tensor, most", [  # before the partials: 12, 8, 11, 6 and 4 operations
+    ("merged_out", torch.randn(3, 4, 16).bfloat16(), 8),  # scalars 5, norm 1, zero count 2
+    ("lse", torch.randn(3, 4), 5),
+    ("hidden", torch.randn(3, 70).bfloat16(), 7),  # hash 2, scalars 5
+    ("topk", torch.randint(-1, 9, (3, 6), dtype=torch.int32), 3),  # aminmax, valid 2
+    ("block_table", torch.arange(12).view(3, 4), 1),
+])
+def test_the_caller_launches_only_the_partials(point, tensor, most):
+    device_stats.partials(tensor, point)  # the cached constants are made once
+    with _Operations() as made:
+        device_stats.partials(tensor, point)
+    assert len(made.ops) <= most, made.ops
