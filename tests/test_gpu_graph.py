@@ -170,6 +170,35 @@ def test_stats_mode_inside_a_graph_equals_the_host_stats(tap_dir):
 
 
 @gpu
+def test_graph_stats_with_num_tokens_cover_only_the_real_rows(tap_dir):
+    """Padding rows of a replay (past num_tokens) hold junk; the stats are those of the real rows."""
+    from tensortap.format import stats as host_stats
+
+    tensortap.configure(dir=tap_dir, mode="stats")
+    static_in = torch.zeros(6, 4, 16, device="cuda")  # [T, H, D]: rows 4 and 5 are padding
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tensortap.point("layers.0.attn.merged_out", static_in * 1)
+        tensortap.point("layers.0.attn.hidden", static_in.view(6, -1) + 0)  # [T, H * D]
+    x = torch.randn(6, 4, 16)
+    x[:4, 2] = 0  # a zero head in the real rows
+    x[4:] = float("nan")
+    static_in.copy_(x)
+    with tensortap.scope(step=3, role="target", num_tokens=4):
+        graph.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    for point, real in (("merged_out", x[:4]), ("hidden", x[:4].reshape(4, -1))):
+        rec = d.record(point, step=3)
+        want, array = host_stats.compute(real.numpy(), "float32", point, keep_arrays=True)
+        assert rec.meta["shape"] == list(real.shape) and not rec.stored
+        assert rec.stats == {**rec.stats, **want} and rec.stats["nonfinite"] == 0
+        if array is not None:
+            assert np.array_equal(rec.stats_array()["zeros"], array["zeros"])
+            assert np.array_equal(rec.stats_array()["norm"], array["norm"])
+
+
+@gpu
 def test_a_trigger_inside_graph_replays_dumps_the_ring(tap_dir):
     tensortap.configure(dir=tap_dir, trigger="zero-heads", ring=2, trigger_steps=1)
     static_in = torch.zeros(2, 4, 16, device="cuda")

@@ -184,3 +184,49 @@ def test_a_failing_hook_never_raises_into_the_engines_capture_or_replay(tap_dir,
     g.replay()
     assert tensortap.stats()["errors"] == 3
     tensortap.close()
+
+
+def test_graph_stats_cover_only_the_real_rows(tap_dir, hooked, monkeypatch):
+    """mode=stats inside a graph: the slots hold per-row partials (device_stats, forced on the CPU here),
+    and a replay with num_tokens=n gets the stats of rows < n only: NaN and inf in the padding rows
+    reach neither nonfinite nor absmax nor the hash, nor the per-head arrays."""
+    from tensortap.capture import device_stats
+    from tensortap.format import stats as host_stats
+
+    tensortap.configure(dir=tap_dir, mode="stats")
+    monkeypatch.setattr(runtime._tap, "_keeps_data", lambda tensor: False)  # the device path, on the CPU
+    g = FakeGraph()
+    g.capture_begin()
+    with tensortap.scope(step=-1, role="target", phase="capture"):
+        tensortap.point("layers.3.attn.hidden", torch.zeros(6, 8))  # [T, W]: rows 4 and 5 are padding
+        tensortap.point("layers.3.attn.merged_out", torch.zeros(6, 2, 4))  # [T, H, D]
+    g.capture_end()
+    slots = {slot.point: slot.buffers for slot in runtime._tap.graphs._graphs[id(g)].slots}
+    assert "rows:buckets" in slots["hidden"] and "data" not in slots["hidden"]
+    hidden, merged = torch.randn(6, 8), torch.randn(6, 2, 4)
+    merged[:4, 1] = 0.0  # head 1 is zero in every real row
+    for x in (hidden, merged):
+        x[4:] = float("nan")
+        x[5].view(-1)[0] = float("inf")
+
+    def kernels():  # what the replay recomputes into the slots
+        for point, x in (("hidden", hidden), ("merged_out", merged)):
+            for key, value in device_stats.partials(x, point, rows=True).items():
+                slots[point][key].copy_(value)
+
+    g.kernels = kernels
+    with tensortap.scope(step=7, role="target", num_tokens=4):
+        g.replay()
+    with tensortap.scope(step=8, role="target"):  # no num_tokens: every row counts
+        g.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    for point, x in (("hidden", hidden), ("merged_out", merged)):
+        rec = d.record(point, step=7)
+        want, want_array = host_stats.compute(x[:4].numpy(), "float32", point, keep_arrays=True)
+        assert rec.meta["shape"] == [4] + list(x.shape[1:]) and not rec.stored
+        assert rec.stats["nonfinite"] == 0 and rec.stats["absmax"] == want["absmax"]
+        assert rec.stats.get("hash") == want.get("hash") and rec.stats.get("zero_heads") == want.get("zero_heads")
+        if want_array is not None:
+            assert rec.stats_array().shape == (4, 2) and list(rec.stats_array()["zeros"][:, 1]) == [4] * 4
+        assert d.record(point, step=8).stats["nonfinite"] == x[4:].numel()

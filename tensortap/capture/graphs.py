@@ -1,16 +1,18 @@
 """Tap points inside CUDA graphs: static slots written by the graph, drained after each replay.
 
 A replay runs no Python, so a point reached while a graph is being captured does its work in the
-graph instead: a device-to-device copy of the tensor (or, with mode=stats, the small stats parts)
-into tensors the tap owns. Those tensors live in the graph's memory pool and are rewritten by every
-replay. The tap registers them as one slot (name, metadata at capture, keys, bytes) of that graph.
+graph instead: a device-to-device copy of the tensor (or, with mode=stats, the small stats partials,
+per row where rows are tokens: device_stats.py) into tensors the tap owns. Those tensors live in the
+graph's memory pool and are rewritten by every replay. The tap registers them as one slot (name,
+metadata at capture, keys, bytes) of that graph.
 
     capture_begin(g)   this thread's points record slots of g (class-level hook)
     capture_end(g)     g's slots are frozen into one drain plan: the flat byte views of every buffer
     replay(g)          after the replay, one batched copy (torch.cat of the views) on the replay's
                        stream, ordered before the next replay; each slot becomes a record stamped
                        with the host scope active at the replay (step, role, spec_pos, phase,
-                       num_tokens, req_ids), then takes the eager path: pinned host copy, writer.
+                       num_tokens, req_ids; rows past num_tokens are padding, trimmed), then takes
+                       the eager path: pinned host copy, writer.
 
 Graph-resident bytes count against `graph_bytes`; past it the tap says so once and skips the point
 (counted as graph_skipped). The hooks are installed on a class once, when a tap is enabled; with TAP
@@ -19,6 +21,7 @@ unset nothing is patched.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import weakref
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensortap.capture import trigger
+from tensortap.capture import device_stats, trigger
 
 ALIGN = 16  # bytes: each buffer starts aligned in the drained copy, so views of any dtype work
 UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
@@ -151,11 +154,16 @@ class Registry:
         return out
 
     def records(self, graph, stamp: dict, scope_tensors: dict):
-        """After a replay: (metadata, tensors, trigger signal or None) per slot, drained in one copy.
-        The metadata is the capture's overridden by the host scope at the replay (`stamp`) and `graph`;
-        phase "run" when that scope gives the step, else "capture" (a replay with no step of its own
-        still carries the capture's dummy step: readers exclude it by default rather than show it as a
-        real step), unless the scope names the phase; num_tokens=n trims full-mode data to its first n rows."""
+        """After a replay: (metadata, tensors, trigger signal or None, on_host or None) per slot, drained
+        in one copy. The metadata is the capture's overridden by the host scope at the replay (`stamp`)
+        and `graph`; phase "run" when that scope gives the step, else "capture" (a replay with no step of
+        its own still carries the capture's dummy step: readers exclude it by default rather than show it
+        as a real step), unless the scope names the phase.
+
+        num_tokens=n (the real rows; the rest is graph padding) trims a record of a point whose rows are
+        tokens to its first n rows: full-mode data as a view, device stats by `on_host`, which the writer
+        runs on the host (device_stats.finish of the per-row partials, for rows < n), so that junk in the
+        padding cannot reach the stats."""
         drained = self.drain(graph)
         if not drained:
             return
@@ -164,14 +172,15 @@ class Registry:
         for slot, tensors in drained:
             meta = {**slot.meta, **stamp}
             signal = tensors.pop("signal", None)
-            data = tensors.get("data")
-            if data is not None and isinstance(tokens, int) and slot.point not in UNTRIMMED \
-                    and data.dim() and data.shape[0] > tokens:
-                tensors["data"] = data[:tokens]  # [num_tokens, ...]: graph padding rows are not real tokens
-                meta["shape"] = [tokens] + list(data.shape[1:])
+            rows = real_rows(slot.point, meta.get("shape"), tokens)
+            if rows is not None:
+                meta["shape"] = [rows] + list(meta["shape"][1:])  # [num_tokens, ...]
+                if "data" in tensors:
+                    tensors["data"] = tensors["data"][:rows]  # [num_tokens, ...]: a view
+            on_host = None if "data" in tensors else functools.partial(device_stats.finish, n=rows)
             for key, value in scope_tensors.items():
                 tensors.setdefault(key, value)
-            yield meta, tensors, (signal[0] if signal is not None else None)
+            yield meta, tensors, (signal[0] if signal is not None else None), on_host
 
     def index_of(self, graph) -> int | None:
         entry = self._graphs.get(id(graph))
@@ -183,8 +192,21 @@ class Registry:
             self.bytes -= entry.nbytes
 
 
+def by_rows(point: str, tensor: torch.Tensor) -> bool:
+    """Are the rows of `tensor` tokens (dimension 0), which a replay's num_tokens may trim?"""
+    return point not in UNTRIMMED and tensor.dim() >= 1
+
+
+def real_rows(point: str, shape: list | None, tokens) -> int | None:
+    """The rows to keep of a record of `point` and `shape` replayed with num_tokens=`tokens`: fewer
+    than its rows, else None (nothing to trim)."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or point in UNTRIMMED or not shape:
+        return None
+    return tokens if 0 <= tokens < shape[0] else None
+
+
 def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None) -> dict:
-    """The buffers of a new slot, made inside the capture: a copy of "data" (stats parts and "meta:"
+    """The buffers of a new slot, made inside the capture: a copy of "data" (stats partials and "meta:"
     snapshots are fresh tensors already) and, for a watched point, its trigger signal [1]."""
     if "data" in tensors:
         tensors["data"] = tensors["data"].detach().clone(memory_format=torch.contiguous_format)  # a graph node

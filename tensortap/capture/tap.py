@@ -3,12 +3,16 @@
 The work is split by how often it changes:
 
     per scope   metadata validated against the record schema, the rank, the step/role/rank part
-                of the filter (Filter.keeps_forward), tensor metadata snapshotted once; a scope the
-                filter rejects validates only step, role and rank
+                of the filter (Filter.keeps_forward), tensor metadata snapshotted once, and the
+                metadata every record starts from (with rank and world size); a scope the filter
+                rejects validates only step, role and rank
     per name    layer and point parsed and checked, the point/layer part of the filter (cached)
-    per call    the snapshot (eager), or a slot inside a CUDA graph being captured (graphs.py);
-                mode=stats on a GPU computes its stats there (device_stats.py); with `trigger=` the
-                record goes to the flight recorder (trigger.py) instead of the writer
+    per call    one copy of the scope's metadata with the name, the point's own metadata (a scalar
+                seen valid before costs a set lookup), seq and time; the snapshot (eager, into a
+                pooled host buffer on the CPU: staging.py), or a slot inside a CUDA graph being
+                captured (graphs.py); mode=stats on a GPU computes its stats there
+                (device_stats.py); with `trigger=` the record goes to the flight recorder
+                (trigger.py) instead of the writer
 
 Shape, dtype and byte count are taken from the snapshot on the writer side.
 """
@@ -39,6 +43,7 @@ log = logging.getLogger("tensortap")
 PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 MAX_NDIM = 8
 _FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
+_PER_CALL = _FORWARD | {"name", "point", "layer"}  # call metadata that makes the point's state its own
 _DROP = object()
 _SCALARS = (int, str, float, bool)
 field_problem = schema.field_problem
@@ -47,7 +52,7 @@ field_problem = schema.field_problem
 class ScopeState:
     """What a scope computed once for every point inside it."""
 
-    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked", "validated")
+    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked", "validated", "base")
 
     def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool, checked: bool = True):
         self.meta = meta  # validated host metadata, merged over the enclosing scopes
@@ -56,6 +61,7 @@ class ScopeState:
         self.keeps = keeps  # Filter.keeps_forward(step, rank, role)
         self.checked = checked  # False: a rejected scope whose other keys were not validated (nothing to record)
         self.validated: ScopeState | None = None  # of an unchecked scope: its validated state, made once
+        self.base: dict | None = None  # meta with rank and world size: what its records start from (Tap._base)
 
 
 _scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
@@ -86,6 +92,7 @@ class Tap:
         self.recorder = (trigger.FlightRecorder(config, self._submit_now, self._trigger_record, self.counters,
                                                 self._warn_once) if config.trigger else None)
         self._device_stats = _from_parts_available()
+        self._data_always = self.full or self.recorder is not None or not self._device_stats  # no device stats
 
     # -- per scope ------------------------------------------------------------------------------------
     def enter(self, raw: dict, parent: ScopeState | None, validate_all: bool = False) -> ScopeState:
@@ -216,29 +223,26 @@ class Tap:
                 raise ValueError(keeps)
             self.excluded += 1
             return
-        state = _scope.get() or self.root()
+        scope = _scope.get()
+        state = scope or self.root()
         entry = self.graphs.capturing() if self.graphs.active else None
-        recorder = self.recorder
-        own = False
-        if meta:
-            if entry is None and not state.keeps and _FORWARD.isdisjoint(meta):
-                self.excluded += 1  # the scope's verdict stands: no work for its points
-                return
-            state, own = self._with_call_meta(state, meta), True
+        if meta and (entry is not None or not _PER_CALL.isdisjoint(meta)):
+            state, meta = self._with_call_meta(state, meta), None  # its own step, role, rank, name, ...
         if entry is None and not state.keeps:
-            self.excluded += 1
+            self.excluded += 1  # the scope's verdict stands: no work for its points
             return
         if self.writer is not None and self.writer.failed is not None:
             self.counters.lost += 1
             return
-        if self.budget_spent and recorder is None and entry is None:  # max_bytes reached: no snapshot
+        if self.budget_spent and self.recorder is None and entry is None:  # max_bytes reached: no snapshot
             self.counters.over_budget += 1
             return
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() > MAX_NDIM:
             raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
-        _dtype(tensor)  # a dtype the format cannot store fails here, not in the writer
+        if tensor.dtype not in _DTYPE_NAMES:
+            _dtype(tensor)  # a dtype the format cannot store fails here, not in the writer
         if entry is not None:
             self._record_in_graph(entry, name, layer, point, tensor, state)
             return
@@ -247,72 +251,97 @@ class Tap:
             self._warn_once("graph", "tensortap: a tap point inside a CUDA-graph capture that is not a "
                             "torch.cuda.CUDAGraph is skipped (%s)", name)
             return
-        job_meta = self._job_meta(state, name, layer, point, own)
-        self._emit(job_meta, self._tensors(tensor, point, state), tensor, point)
-        if _scope.get() is None:
+        job_meta = dict(state.base or self._base(state))  # the one per-record copy of the scope's metadata
+        job_meta["name"], job_meta["point"], job_meta["layer"] = name, point, layer
+        scope_tensors = self._put_call_meta(job_meta, state.tensors, meta) if meta else state.tensors
+        job_meta["seq"], job_meta["time_ns"] = next(self._seq), time.time_ns()
+        job_meta["dropped_before"] = self.counters.dropped
+        self._emit(job_meta, tensor, point, scope_tensors)
+        if scope is None:
             self.submit_pending()
             self._end_scope()
 
-    def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
-        """A point's own metadata over its scope's: validated, its tensors snapshotted per call; rank and
-        filter verdict recomputed only when it sets step, role or rank. Its `meta` is a private copy."""
-        if not state.checked:
-            state = self.validated(state)
-        merged, tensors = dict(state.meta), state.tensors
-        for key, value in meta.items():
+    @staticmethod
+    def _base(state: ScopeState) -> dict:
+        """What every record of a scope starts from, made once per scope: its metadata, rank and world size."""
+        base = dict(state.meta)
+        base["rank"] = state.rank
+        if "world_size" not in base:
+            base["world_size"] = state.world
+        state.base = base
+        return base
+
+    def _put_call_meta(self, meta: dict, scope_tensors: dict, call: dict) -> dict:
+        """A point's own metadata (not step, role, rank, name, point or layer) into its record's `meta`:
+        scalars seen valid before cost one set lookup, tensors are snapshotted per call. Returns the
+        record's "meta:*" tensors (the scope's, or a private copy when the call changes them)."""
+        tensors, valid = scope_tensors, self._valid
+        for key, value in call.items():
+            kind = value.__class__
+            if kind in _SCALARS and (key, kind, value) in valid and not (tensors and "meta:" + key in tensors):
+                meta[key] = value  # the common case: a value the schema accepted before
+                continue
             if isinstance(value, torch.Tensor):
-                if tensors is state.tensors:
+                if tensors is scope_tensors:
                     tensors = dict(tensors)
-                merged.pop(key, None)
+                meta.pop(key, None)
                 if value.is_cuda:
                     tensors["meta:" + key] = value.detach().clone()  # in a graph capture: a slot
                 else:
-                    self._set_checked(merged, key, value.tolist())
+                    self._set_checked(meta, key, value.tolist())
                 continue
-            if "meta:" + key in tensors:  # a host value over the scope's tensor of that key
-                tensors = dict(tensors) if tensors is state.tensors else tensors
+            if tensors and "meta:" + key in tensors:  # a host value over the scope's tensor of that key
+                tensors = dict(tensors) if tensors is scope_tensors else tensors
                 del tensors["meta:" + key]
             value = self._checked(key, value)
             if value is _DROP:
-                merged.pop(key, None)
+                meta.pop(key, None)
             else:
-                merged[key] = value
+                meta[key] = value
+        return tensors
+
+    def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
+        """A point's own metadata over its scope's, as a state of its own: validated, its tensors
+        snapshotted per call; rank and filter verdict recomputed only when it sets step, role or rank."""
+        if not state.checked:
+            state = self.validated(state)
+        merged = dict(state.meta)
+        tensors = self._put_call_meta(merged, state.tensors, meta)
         if _FORWARD.isdisjoint(meta):
             return ScopeState(merged, tensors, state.rank, state.world, state.keeps)
         rank, world = self.rank_and_world(merged)
         return ScopeState(merged, tensors, rank, world,
                           self.filter.keeps_forward(merged.get("step"), rank, merged.get("role")))
 
-    def _job_meta(self, state: ScopeState, name: str, layer: int, point: str, own: bool = False) -> dict:
-        meta = state.meta if own else dict(state.meta)
-        meta["name"], meta["point"], meta["layer"], meta["rank"] = name, point, layer, state.rank
-        if "world_size" not in meta:
-            meta["world_size"] = state.world
-        meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
-        return meta
-
     def _tensors(self, tensor: torch.Tensor, point: str, state: ScopeState) -> dict:
-        """What a record carries: "data" (the tensor: full mode, the recorder, stats on the CPU) or its
-        "stats:*" parts (stats on a GPU), and the scope's "meta:*" snapshots on the same device."""
-        if self.full or self.recorder is not None or not (tensor.is_cuda and self._device_stats):
+        """What a record inside a graph carries: "data" (the tensor) or its stats partials, per row where
+        its rows are tokens (a replay's num_tokens trims them), and the scope's "meta:*" snapshots on the
+        same device."""
+        if self._keeps_data(tensor):
             tensors = {"data": tensor}
         else:
-            tensors = device_stats.parts(tensor, point)
-        if state.tensors:
-            for key, value in state.tensors.items():
-                if value.device == tensor.device:
-                    tensors[key] = value
+            tensors = device_stats.partials(tensor, point, rows=graphs.by_rows(point, tensor))
+        tensors.update(_on_device(state.tensors, tensor.device))
         return tensors
 
-    def _emit(self, meta: dict, tensors: dict, tensor: torch.Tensor, point: str) -> None:
-        """Snapshot the tensor on the caller's thread or stream (parts and scope snapshots are fresh
-        tensors already) and deliver the record."""
-        if "data" in tensors:  # the writer takes dtype and shape from the snapshot
-            staged = self.stager.stage({"data": tensors.pop("data")})
-            staged.tensors.update(tensors)
-        else:  # stats parts: the tensor itself never leaves the device
-            staged = Staged(tensors, torch.cuda.current_stream(tensor.device))
+    def _keeps_data(self, tensor: torch.Tensor) -> bool:
+        """Does the record carry the tensor itself (full mode, the flight recorder, stats on the CPU), or
+        only the stats partials computed on its device (mode=stats on a GPU)?"""
+        return self._data_always or not tensor.is_cuda
+
+    def _emit(self, meta: dict, tensor: torch.Tensor, point: str, scope_tensors: dict) -> None:
+        """Snapshot the tensor on the caller's thread or stream, or compute its stats partials there (the
+        tensor itself then never leaves the device), and deliver the record. Scope snapshots travel
+        with it; the writer takes dtype and shape from the snapshot."""
+        extra = _on_device(scope_tensors, tensor.device) if scope_tensors else None
+        if self._keeps_data(tensor):
+            staged = self.stager.stage({"data": tensor})
+        else:
+            staged = Staged(device_stats.partials(tensor, point), torch.cuda.current_stream(tensor.device))
+            staged.on_host = device_stats.finish  # the parts, assembled by the writer on the host
             meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
+        if extra:
+            staged.add(extra)
         self._deliver(meta, staged, tensor)
 
     def _deliver(self, meta: dict, staged: Staged, tensor: torch.Tensor | None, signal=None) -> None:
@@ -334,7 +363,9 @@ class Tap:
                 return
         if self.writer is None:
             self._writer(meta["rank"], meta["world_size"])
-        pending = self._pending()
+        pending = getattr(self._local, "jobs", None)
+        if pending is None:
+            pending = self._local.jobs = []
         pending.append(Job(meta, staged, full))
         if len(pending) >= PENDING_JOBS:
             self.submit_pending()
@@ -359,25 +390,20 @@ class Tap:
     def after_replay(self, graph) -> None:
         """After a replay: the graph's slots, drained in one copy, become records stamped with the scope."""
         state = _scope.get() or self.root()
-        for meta, tensors, signal in self.graphs.records(graph, state.meta, state.tensors):
+        for meta, tensors, signal, on_host in self.graphs.records(graph, state.meta, state.tensors):
             if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
                 self.excluded += 1
                 continue
             meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
             first = next(iter(tensors.values()))
             staged = Staged(tensors, torch.cuda.current_stream(first.device) if first.is_cuda else None)
+            staged.on_host = on_host
             self._deliver(meta, staged, None, signal)
         if _scope.get() is None:
             self.submit_pending()
             self._end_scope()
 
     # -- hand-over ------------------------------------------------------------------------------------
-    def _pending(self) -> list:
-        pending = getattr(self._local, "jobs", None)
-        if pending is None:
-            pending = self._local.jobs = []
-        return pending
-
     def submit_pending(self) -> None:
         """Hand this thread's jobs to the writer (at scope exit, at flush, or when enough are waiting)."""
         pending = getattr(self._local, "jobs", None)
@@ -402,7 +428,7 @@ class Tap:
                 "dtype": "int64", "shape": [1]}
         if meta["step"] is None:
             meta.pop("step")
-        staged = self.stager.stage({"data": torch.tensor([info["value"]], dtype=torch.int64)})
+        staged = Staged({"data": torch.tensor([info["value"]], dtype=torch.int64)})  # [1], a fresh tensor
         self._writer(rank, meta["world_size"])
         self._submit_now([Job(meta, staged, True)])
 
@@ -502,6 +528,11 @@ def _dtype(tensor: torch.Tensor) -> str:
 
 
 _DTYPE_NAMES: dict = {}
+
+
+def _on_device(tensors: dict, device: torch.device) -> dict:
+    """The scope snapshots that travel with a record on `device` (a record's tensors share one device)."""
+    return {key: value for key, value in tensors.items() if value.device == device}
 
 
 def _from_parts_available() -> bool:
