@@ -387,9 +387,10 @@ def test_sigkill_after_flush_keeps_every_flushed_record(tmp_path, cli, writer, k
     d = tensortap.open(directory)
     truncated = writer == "thread" or kill == "both"
     assert len(d.truncated) == (1 if truncated else 0), "a surviving writer process commits what it received"
-    if truncated and torn_by_a_flush(d):  # named by the reader, never silent; see docs/crash-safety.md
-        pytest.xfail("killed inside an HDF5 flush: the open segment's record list was torn (known limit)")
     steps = d.steps
+    if steps[:20] != list(range(20)) and truncated and torn_by_a_flush(d):  # named, never silent
+        pytest.xfail("killed inside an HDF5 flush: the open segment's record list was torn and a batch "
+                     "could not be found by name (known limit, docs/crash-safety.md)")
     assert steps[:20] == list(range(20)), "every record flushed before the kill is readable"
     assert steps == list(range(len(steps)))
     for step in (0, 19, steps[-1]):

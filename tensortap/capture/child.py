@@ -125,6 +125,7 @@ class ChildSink:
         self._closed = threading.Event()  # it answered the close
         self._gone = threading.Event()  # its output ended: it exited
         self._fd = -1
+        self.recycle = lambda batch: None  # the Writer sets Stager.recycle: host memory back to the pools
         try:
             self._ring = _Ring(self.RING_BYTES, self) if hasattr(os, "memfd_create") else None
         except OSError:
@@ -203,12 +204,13 @@ class ChildSink:
         except OSError:  # broken pipe: it died
             self._raise_gone()
 
-    def flush(self) -> None:
-        """Returns once the writer process has committed everything sent so far."""
+    def flush(self, totals: dict) -> None:
+        """Returns once the writer process has committed everything sent so far, and `totals` (the loss
+        totals now: some may have grown since the last batch)."""
         self._check()
         self._flush_id += 1
         try:
-            frames.write_all(self._fd, [frames.control_frame(frames.FLUSH, {"id": self._flush_id})])
+            frames.write_all(self._fd, [frames.control_frame(frames.FLUSH, {"id": self._flush_id, "totals": totals})])
         except OSError:
             self._raise_gone()
         deadline = time.monotonic() + self.timeout
@@ -254,9 +256,11 @@ class ChildSink:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _prune(self) -> None:
+        """Forget the batches the writer process committed; their host memory goes back to the pools."""
         acked = self._acked
         while self._unacked and self._unacked[0][0] <= acked:
-            self._unacked.popleft()
+            _, jobs, _, _ = self._unacked.popleft()
+            self.recycle([job.staged for job in jobs])
 
     def _check(self) -> None:
         if self.error is not None:

@@ -4,7 +4,7 @@ A frame is
 
     kind u8 | 3 pad | count u32 | body length u64 | body
 
-    OPEN, FLUSH, CLOSE   body: JSON (where and how to write; flush id; final attributes)
+    OPEN, FLUSH, CLOSE   body: JSON (where and how to write; flush id and loss totals; final attributes)
     BATCH                body: batch id u64 | 7 loss totals i64 | `count` records
 
 and a record in a batch is

@@ -74,32 +74,39 @@ class Recorder:
 
 def build_record(meta: dict, meta_json: str | None, arrays: dict, full: bool) -> PendingRecord:
     """Stats from the stored array (or from the device's stats parts when there is no "data");
-    full mode keeps the tensor, stats mode its stats array instead."""
+    full mode keeps the tensor, stats mode its stats array instead. A stored tensor's stats are
+    computed when the segment writer completes the record, while its bytes are being written."""
     data = arrays.get("data")
     dtype, point = meta["dtype"], meta["point"]
     if not schema.LOCATION_FIELDS_SET.isdisjoint(meta):  # only the segment writer says where bytes are
         for key in schema.LOCATION_FIELDS:
             meta.pop(key, None)
         meta_json = None
+    if data is not None and full:
+        def finish(rec: PendingRecord) -> None:
+            scalars, _ = stats.compute(data, dtype, point, keep_arrays=False)
+            rec.stats, rec.meta_json = scalars, _with_stats(meta, meta_json, scalars, True)
+
+        return PendingRecord(meta, None, data, dtype, tuple(data.shape), {}, None, finish)
     if data is not None:
         shape = tuple(data.shape)
-        scalars, stats_array = stats.compute(data, dtype, point, keep_arrays=not full)
+        scalars, stats_array = stats.compute(data, dtype, point, keep_arrays=True)
     else:
-        full = False
         shape = tuple(meta.get("shape", ()))
         scalars, stats_array = stats.from_parts(arrays, dtype, point, list(shape))
-    stored = full and data is not None
+    return PendingRecord(meta, _with_stats(meta, meta_json, scalars, False), None, dtype, shape, scalars, stats_array)
+
+
+def _with_stats(meta: dict, meta_json: str | None, scalars: dict, stored: bool) -> str:
+    """The record's metadata as JSON with its stats and `stored`: encoded here (writer=thread), or as
+    the server encoded it with them appended. `meta` gets them too."""
+    meta["stats"], meta["stored"] = scalars, stored
     if meta_json is None:
-        meta["stats"], meta["stored"] = scalars, stored
-        meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=True)
-    else:  # as received, with the stats appended
-        tail = json.dumps(scalars, separators=(",", ":"), allow_nan=True)
-        body = meta_json.rstrip()[:-1].rstrip()
-        joint = "," if body != "{" else ""
-        meta_json = f'{body}{joint}"stats":{tail},"stored":{"true" if stored else "false"}}}'
-        meta["stats"], meta["stored"] = scalars, stored
-    return PendingRecord(meta, meta_json, data if stored else None, dtype, shape, scalars,
-                         None if stored else stats_array)
+        return json.dumps(meta, separators=(",", ":"), allow_nan=True)
+    tail = json.dumps(scalars, separators=(",", ":"), allow_nan=True)
+    body = meta_json.rstrip()[:-1].rstrip()
+    joint = "," if body != "{" else ""
+    return f'{body}{joint}"stats":{tail},"stored":{"true" if stored else "false"}}}'
 
 
 def serve(stdin, stdout) -> int:
@@ -134,8 +141,15 @@ def serve(stdin, stdout) -> int:
         recorder.mark_failure({"capture_error": message, "records_lost": lost, "failed_ns": time.time_ns()})
 
     def commit() -> None:
-        """One flush for every batch written since the last one; acknowledgements are cumulative."""
-        if not waiting or failed is not None:
+        """One flush for every batch written since the last one; acknowledgements are cumulative. With no
+        batch waiting, the totals alone are flushed when they changed."""
+        if failed is not None:
+            return
+        if not waiting:
+            try:
+                recorder.commit(state["totals"])
+            except Exception as exc:
+                fail(exc)
             return
         try:
             recorder.commit(state["totals"])
@@ -172,6 +186,7 @@ def serve(stdin, stdout) -> int:
             if state["records"] >= MERGE_RECORDS or not _more_input(stdin):
                 commit()  # behind the server: batches already waiting share one flush
         elif kind == frames.FLUSH:
+            state["totals"] = frames.control_body(body).get("totals", state["totals"])
             commit()
             reply(f"F {frames.control_body(body)['id']}")
         elif kind == frames.CLOSE:

@@ -102,6 +102,7 @@ class LocalSink:
         self.opening = opening
         self.recorder = Recorder(opening)
         self._base = (persisted, persisted_bytes)
+        self.recycle = _keep  # the Writer sets Stager.recycle: host memory back to the pools
 
     @property
     def where(self) -> str:
@@ -119,15 +120,21 @@ class LocalSink:
         for job, held in zip(jobs, arrays):
             self.recorder.write(job.meta, None, held, job.full)
         self.recorder.commit(totals)
+        self.recycle([job.staged for job in jobs])  # committed: its memory is not needed any more
 
-    def flush(self) -> None:
-        """Nothing left to do: every batch was committed (flushed) as it was written."""
+    def flush(self, totals: dict) -> None:
+        """Every batch was committed as it was written; loss totals counted since then are flushed now."""
+        self.recorder.commit(totals)
 
     def close(self, totals: dict) -> None:
         self.recorder.close(totals)
 
     def mark_failure(self, attrs: dict) -> None:
         self.recorder.mark_failure(attrs)
+
+
+def _keep(batch: list) -> None:
+    """A sink's `recycle` until the Writer gives it the Stager's: nothing goes back to a pool."""
 
 
 def make_sink(config, rank: int, identity: dict):
@@ -206,6 +213,7 @@ class Writer:
     def _run(self) -> None:
         try:
             self.sink = self._make_sink()
+            self.sink.recycle = self.stager.recycle
         except Exception as exc:
             self._fail(exc, lost_now=0)
         while True:
@@ -263,6 +271,7 @@ class Writer:
         self.sink = LocalSink(child.opening, persisted, max(0, self.counters.bytes - sum(
             held["data"].nbytes for jobs, arrays, _ in pending for job, held in zip(jobs, arrays)
             if job.full and "data" in held)))
+        self.sink.recycle = self.stager.recycle
         child.mark_failure({})
         for jobs, arrays, totals in pending:
             self.sink.write_batch(jobs, arrays, totals)
@@ -284,7 +293,7 @@ class Writer:
         if marker.close:
             self.sink.close(self.counters.as_dict())
         else:
-            self.sink.flush()
+            self.sink.flush(self.counters.as_dict())
 
     def _fail(self, exc: BaseException, lost_now: int) -> None:
         """Stop capture; `lost_now` records in hand are lost with it, and everything queued."""

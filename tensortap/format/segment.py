@@ -25,13 +25,15 @@ import errno
 import json
 import math
 import os
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
-from h5py import h5a, h5d, h5g, h5p, h5s, h5t
+from h5py import h5a, h5d, h5p, h5s, h5t
 
 from tensortap.format import schema
 from tensortap.format.codecs import STORED
@@ -47,16 +49,25 @@ _SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 @dataclass
 class PendingRecord:
     """One record as it goes into a segment: its metadata (as a dict for the index, and as the JSON
-    text written to its `meta` attribute, stats and `stored` included), the stored array (None in
-    stats mode) and its stats."""
+    text of its entry in the batch's `meta` list, stats and `stored` included), the stored array
+    (None in stats mode) and its stats.
+
+    A stored record may come with `finish`, which fills in `meta_json` and `stats` from the array:
+    the segment writer calls it while the batch's bytes are being written (`complete`)."""
 
     meta: dict
-    meta_json: str
+    meta_json: str | None
     array: np.ndarray | None
     dtype: str
     shape: tuple[int, ...]
     stats: dict
-    stats_array: np.ndarray | None = None  # per-(token, head) or per-row stats
+    stats_array: np.ndarray | None = None  # per-(token, head) or per-row stats; never with `finish`
+    finish: Callable[["PendingRecord"], None] | None = None
+
+    def complete(self) -> None:
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            finish(self)
 
     @property
     def seq(self) -> int:
@@ -134,6 +145,7 @@ class SegmentWriter:
         self._held: list[PendingRecord] = []  # written, not committed yet
         self._batch = 0  # the next batch dataset's number in the open segment
         self._fd = -1  # the open segment, for pwritev
+        self._io: _IoThread | None = None  # started by the first large batch
         self.paths: list[str] = []  # closed segments
 
     # -- records ---------------------------------------------------------------------------
@@ -154,7 +166,7 @@ class SegmentWriter:
             self._flush()
             if len(self._rows) >= self.segment_records or self._bytes >= self.segment_bytes:
                 self.close_segment()
-        if self._file is not None and self._dirty:
+        if self._file is not None and (self._dirty or self._totals_changed()):
             self._flush()
 
     def _room(self, held: list) -> int:
@@ -172,24 +184,27 @@ class SegmentWriter:
         self._dirty = False
 
     def _write_batch(self, records: list) -> None:
-        """One batch dataset: the records' bytes at BATCH_ALIGN-aligned offsets, their metadata in `meta`."""
+        """One batch dataset: the records' bytes at BATCH_ALIGN-aligned offsets, their metadata in `meta`.
+
+        A large uncompressed batch's bytes are written by the I/O thread while this thread completes
+        the records' stats and metadata: the two overlap, and both run without the GIL for the most
+        part (a syscall; numpy loops)."""
         batch = self._batch
-        pieces, texts, offset = [], [], 0
         for rec in records:
-            where = [f'"batch":{batch}']
+            if rec.array is None:
+                rec.complete()  # a stats array's size is known once it is computed
+        pieces, places, offset = [], [], 0
+        for rec in records:
+            tensor_at = stats_at = None
             if rec.array is not None:
                 flat = _bytes_of(rec.array)  # [nbytes]
-                where.append(f'"at":[{offset},{flat.size}]')
-                if self.checksum:
-                    where.append(f'"crc32":{zlib.crc32(flat) if flat.size else 0}')
-                offset = _place(pieces, flat, offset)
+                tensor_at, offset = (offset, flat), _place(pieces, flat, offset)
             if rec.stats_array is not None:
                 flat = _bytes_of(rec.stats_array)  # [nbytes]
-                where.append(f'"stats_at":[{offset},{flat.size}]')
-                offset = _place(pieces, flat, offset)
-            body = rec.meta_json.rstrip()[:-1].rstrip()
-            texts.append(f'{body}{"," if body != "{" else ""}{",".join(where)}}}')
+                stats_at, offset = (offset, flat.size), _place(pieces, flat, offset)
+            places.append((tensor_at, stats_at))
         name = schema.batch_name(batch).encode()
+        io = None
         if self._dataset_options:
             blob = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)  # [offset]
             dataset = self._records.create_dataset(name.decode(), data=blob, **self._dataset_options).id
@@ -199,14 +214,37 @@ class SegmentWriter:
                 dataset.write(h5s.ALL, h5s.ALL, np.concatenate(pieces))  # [offset]
         else:
             dataset = h5d.create(self._records.id, name, self._u8, self._space((offset,)), self._early)
-            _pwritev_all(self._fd, pieces, dataset.get_offset())
-        self._text_attr(dataset, schema.META_ATTR, "[" + ",".join(texts) + "]")
+            io = self._io_thread()
+            io.start(self._fd, pieces, dataset.get_offset())
+        try:
+            texts = []
+            for rec, (tensor_at, stats_at) in zip(records, places):
+                rec.complete()
+                where = [f'"batch":{batch}']
+                if tensor_at is not None:
+                    at, flat = tensor_at
+                    where.append(f'"at":[{at},{flat.size}]')
+                    if self.checksum:
+                        where.append(f'"crc32":{zlib.crc32(flat) if flat.size else 0}')
+                if stats_at is not None:
+                    where.append(f'"stats_at":[{stats_at[0]},{stats_at[1]}]')
+                body = rec.meta_json.rstrip()[:-1].rstrip()
+                texts.append(f'{body}{"," if body != "{" else ""}{",".join(where)}}}')
+            self._text_attr(dataset, schema.META_ATTR, "[" + ",".join(texts) + "]")
+        finally:
+            if io is not None:
+                io.wait()  # raises what the write raised (disk full): before any flush
         for rec, text in zip(records, texts):
             self._rows.append(_index_row(rec))
             self._metas.append(text)
             self._bytes += rec.nbytes
         self._batch += 1
         self._dirty = True
+
+    def _io_thread(self) -> "_IoThread":
+        if self._io is None:
+            self._io = _IoThread()
+        return self._io
 
     def _type(self, dtype: np.dtype):
         key = dtype.str if dtype.fields is None else str(dtype.descr)
@@ -231,6 +269,9 @@ class SegmentWriter:
         string_type.set_cset(h5t.CSET_UTF8)
         attr = h5a.create(location, name.encode(), string_type, self._scalar)
         attr.write(np.array(raw, dtype=f"S{max(len(raw), 1)}"), mtype=string_type)
+
+    def _totals_changed(self) -> bool:
+        return any(self._written_totals.get(name, (None, None))[1] != value for name, value in self.totals.items())
 
     def _write_totals(self) -> None:
         """Root attributes records_total, ..., each rewritten only when its value changed."""
@@ -396,6 +437,38 @@ def rename_no_replace(src: str, dst: str) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "segment exists", dst)
     os.rename(src, dst)
+
+
+class _IoThread:
+    """One daemon thread that writes a batch's bytes (`start`) while the writer completes its metadata;
+    `wait` returns when they are written, raising what the write raised."""
+
+    def __init__(self):
+        self._job = None
+        self._error: BaseException | None = None
+        self._ready = threading.Semaphore(0)
+        self._done = threading.Semaphore(0)
+        threading.Thread(target=self._run, name="tensortap-segment-io", daemon=True).start()
+
+    def start(self, fd: int, pieces: list, offset: int) -> None:
+        self._job, self._error = (fd, pieces, offset), None
+        self._ready.release()
+
+    def wait(self) -> None:
+        self._done.acquire()
+        self._job = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            self._ready.acquire()
+            try:
+                _pwritev_all(*self._job)
+            except BaseException as exc:  # handed to wait(), in the writer's thread
+                self._error = exc
+            self._done.release()
 
 
 _ZEROS = bytes(schema.BATCH_ALIGN)
