@@ -202,3 +202,20 @@ def test_to_host_reuses_the_recycled_pinned_buffer_bit_exact():
         pointers.append(batch[0].lease.buffer.data_ptr())
         stager.recycle(batch)
     assert pointers[0] == pointers[1] == pointers[2], "one pinned buffer, reused"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int32, torch.float32])
+def test_contiguous_snapshots_are_exact_byte_copies_of_offset_views(dtype):
+    """Contiguous tensors are copied with one memmove (no intra-op threads): from the view's own offset,
+    every byte, fresh or pooled buffer alike; an empty tensor copies nothing."""
+    stager = Stager()
+    base = torch.randn(5, 64).to(dtype)  # [5, 64]
+    view = base[2:4]  # [2, 64], contiguous, at an offset into its storage
+    for _ in range(2):  # a fresh buffer, then the recycled one
+        staged = stager.stage({"data": view})
+        snap = staged.tensors["data"]
+        assert snap.data_ptr() != view.data_ptr()
+        assert snap.view(torch.uint8).tolist() == view.view(torch.uint8).tolist()
+        stager.recycle([staged])
+    empty = stager.stage({"data": torch.empty(0, 64, dtype=dtype)}).tensors["data"]
+    assert empty.shape == (0, 64) and empty.dtype == dtype

@@ -153,14 +153,24 @@ class Stager:
 
     def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of CPU `tensor` (not requiring grad) in a buffer from the snapshot pool, or in a
-        fresh one. A fresh one is never an inference tensor, so that any later caller can write it."""
+        fresh one. A fresh one is never an inference tensor, so that any later caller can write it.
+
+        A contiguous tensor is copied by one memmove on the caller's thread, with the GIL released: not by
+        torch's copy, which splits large copies over the intra-op threads. Their workers spin after each
+        parallel region, and on a host whose cores are all busy that spinning takes the CPU the writer
+        needs (benchmarks/capture.py on 2 cores: 0.31x `tofile` with 2 intra-op threads, 0.61x with 1)."""
         buffer = self.snapshots.take((tensor.dtype, tensor.shape))
-        if buffer is not None:
-            return buffer.copy_(tensor)  # [*shape]
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                return tensor.clone(memory_format=torch.contiguous_format)  # [*shape]
-        return tensor.clone(memory_format=torch.contiguous_format)  # [*shape]
+        if buffer is None:
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False):
+                    buffer = torch.empty(tensor.shape, dtype=tensor.dtype)  # [*shape]
+            else:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype)  # [*shape]
+        if tensor.is_contiguous():
+            if tensor.numel():
+                ctypes.memmove(buffer.data_ptr(), tensor.data_ptr(), tensor.numel() * tensor.element_size())
+            return buffer  # [*shape]
+        return buffer.copy_(tensor)  # [*shape], strided: torch's copy
 
     def recycle(self, batch: list[Staged]) -> None:
         """Writer side, once a batch's host memory is no longer needed: its snapshot buffers and pinned
