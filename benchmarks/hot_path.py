@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -40,7 +41,8 @@ def enabled_cost(tensor: torch.Tensor, points: int, per_scope: int = 48) -> tupl
     """µs per enabled point() inside a scope with the writer idle (the caller's own work), µs per
     scope hand-over, µs per point end to end with the writer running (GIL shared with it), µs per
     bare clone(), µs per clone when a scope's `per_scope` clones are kept."""
-    tensortap.configure(dir=tempfile.mkdtemp(prefix="hot-"), writer="process")
+    directory = tempfile.mkdtemp(prefix="hot-")
+    tensortap.configure(dir=directory, writer="process")
     for _ in range(20):  # warm: the writer process starts, the name caches fill
         with tensortap.scope(**SCOPE):
             tensortap.point(NAMES[0], tensor)
@@ -63,6 +65,7 @@ def enabled_cost(tensor: torch.Tensor, points: int, per_scope: int = 48) -> tupl
                 tensortap.point(NAMES[i % len(NAMES)], tensor, head_offset=0)
     loaded = (time.perf_counter() - start) / (rounds * 8)
     tensortap.close()
+    shutil.rmtree(directory, ignore_errors=True)  # GBs of dump: each run would leave it behind
     clone = min(timeit.repeat(lambda: tensor.clone(), number=points, repeat=5)) / points
     held = []
     for _ in range(max(1, points // per_scope)):
@@ -75,7 +78,8 @@ def enabled_cost(tensor: torch.Tensor, points: int, per_scope: int = 48) -> tupl
 
 
 def rejected_costs(number: int = 100_000) -> dict:
-    tensortap.configure(dir=tempfile.mkdtemp(prefix="hot-"), layers="0", steps="100-140")
+    directory = tempfile.mkdtemp(prefix="hot-")
+    tensortap.configure(dir=directory, layers="0", steps="100-140")
     t = torch.zeros(4)
     point, scope, wants = tensortap.point, tensortap.scope, tensortap.wants
     glb = {"point": point, "empty": empty, "t": t, "scope": scope, "wants": wants, "SCOPE": SCOPE}
@@ -91,6 +95,7 @@ def rejected_costs(number: int = 100_000) -> dict:
                              repeat=5)) / number
     counters = tensortap.stats()
     tensortap.close()
+    shutil.rmtree(directory, ignore_errors=True)
     assert counters["records"] == 0 and counters["errors"] == 0, counters
     return {"empty function": base, "point, name rejected": by_name, "point, scope rejected": by_scope,
             "wants, name rejected": want, "scope enter+exit (21 keys), rejected": scope_cost}
