@@ -161,3 +161,33 @@ def test_a_batch_that_is_not_plain_bytes_is_refused(tmp_path, kind):
                 "external": "uses external raw storage"}[kind]
     with pytest.raises(FormatError, match=expected):
         d[0].tensor()
+
+
+def test_a_batch_whose_bytes_failed_to_write_is_never_read(tap_dir, monkeypatch, caplog):
+    """Disk full in the middle of a batch's bytes: capture stops with one error, the batches before it
+    stay readable, and the failed batch (its dataset may be in the file) has no metadata list, so no
+    record of it is read with bytes that were never written."""
+    from tensortap.format import segment
+
+    real, calls = segment._pwritev_all, []
+
+    def full_disk(fd, pieces, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            real(fd, pieces[:1], offset)  # part of it, then the disk is full
+            raise OSError(28, "No space left on device")
+        real(fd, pieces, offset)
+
+    monkeypatch.setattr(segment, "_pwritev_all", full_disk)
+    tensortap.configure(dir=tap_dir, writer="thread")
+    for step in range(5):
+        with tensortap.scope(step=step, layer=0):
+            tensortap.point("layers.0.attn.q", torch.full((2, 4, 512), float(step)))  # 16 KiB: written by pwritev
+        tensortap.flush(timeout=30)
+    counters = tensortap.stats()
+    tensortap.close()
+    assert counters["records"] == 2 and counters["lost"] >= 1
+    assert any("No space left on device" in r.getMessage() for r in caplog.records)
+    d = tensortap.open(tap_dir)
+    assert d.steps == [0, 1]
+    assert [float(r.tensor()[0, 0, 0]) for r in d.iter()] == [0.0, 1.0]

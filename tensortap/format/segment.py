@@ -188,7 +188,7 @@ class SegmentWriter:
 
         A large uncompressed batch's bytes are written by the I/O thread while this thread completes
         the records' stats and metadata: the two overlap, and both run without the GIL for the most
-        part (a syscall; numpy loops)."""
+        part (a syscall; numpy loops). The `meta` list is made once the bytes are written."""
         batch = self._batch
         for rec in records:
             if rec.array is None:
@@ -230,10 +230,12 @@ class SegmentWriter:
                     where.append(f'"stats_at":[{stats_at[0]},{stats_at[1]}]')
                 body = rec.meta_json.rstrip()[:-1].rstrip()
                 texts.append(f'{body}{"," if body != "{" else ""}{",".join(where)}}}')
-            self._text_attr(dataset, schema.META_ATTR, "[" + ",".join(texts) + "]")
         finally:
             if io is not None:
-                io.wait()  # raises what the write raised (disk full): before any flush
+                io.wait()  # raises what the write raised (disk full)
+        # Only now the list that makes the batch readable: a batch whose bytes could not all be written
+        # never gets one (and so is never read), even if HDF5 evicts its dataset's metadata to the file.
+        self._text_attr(dataset, schema.META_ATTR, "[" + ",".join(texts) + "]")
         for rec, text in zip(records, texts):
             self._rows.append(_index_row(rec))
             self._metas.append(text)
