@@ -191,3 +191,20 @@ def test_a_batch_whose_bytes_failed_to_write_is_never_read(tap_dir, monkeypatch,
     d = tensortap.open(tap_dir)
     assert d.steps == [0, 1]
     assert [float(r.tensor()[0, 0, 0]) for r in d.iter()] == [0.0, 1.0]
+
+
+def test_compressed_batches_stay_small_enough_to_inflate(tap_dir, monkeypatch):
+    """A reader inflates at most 1 GiB of one dataset: compressed batches are cut at
+    COMPRESSED_BATCH_BYTES (made small here), each record whole, all of them readable."""
+    from tensortap.format import segment
+
+    monkeypatch.setattr(segment, "COMPRESSED_BATCH_BYTES", 3000)
+    tensortap.configure(dir=tap_dir, writer="thread", compress="gzip")
+    with tensortap.scope(step=0, layer=0):
+        for i in range(5):
+            tensortap.point("layers.0.attn.lse", torch.full((16, 64), float(i)), spec_pos=i)  # 4 KiB each
+    tensortap.close()
+    (name,) = segment_files(tap_dir)
+    assert len(_batches(os.path.join(tap_dir, name))) == 5
+    d = tensortap.open(tap_dir)
+    assert [float(r.tensor()[3, 7]) for r in d.iter()] == [0.0, 1.0, 2.0, 3.0, 4.0]

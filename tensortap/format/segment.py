@@ -42,6 +42,7 @@ from tensortap.format.codecs import STORED
 # SIGKILLed segment unreadable without h5clear. Measured here; see DESIGN section 5.
 LIBVER = ("v108", "v108")
 METADATA_CACHE_BYTES = 256 << 10
+COMPRESSED_BATCH_BYTES = 256 << 20  # a compressed batch dataset holds about this much at most
 COMPACT_BYTES = 1 << 10  # batches up to this size are stored in their object header (no separate block)
 _SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 
@@ -170,11 +171,14 @@ class SegmentWriter:
             self._flush()
 
     def _room(self, held: list) -> int:
-        """How many of `held` go into the open segment: up to its record and byte limits (at least one)."""
-        count, nbytes = len(self._rows), self._bytes
+        """How many of `held` go into the next batch dataset: up to the open segment's record and byte
+        limits, and for a compressed batch up to COMPRESSED_BATCH_BYTES (readers inflate at most 1 GiB
+        of one dataset); at least one."""
+        count, nbytes, batch = len(self._rows), self._bytes, 0
         for i, rec in enumerate(held):
-            count, nbytes = count + 1, nbytes + rec.nbytes
-            if count >= self.segment_records or nbytes >= self.segment_bytes:
+            count, nbytes, batch = count + 1, nbytes + rec.nbytes, batch + rec.nbytes
+            if count >= self.segment_records or nbytes >= self.segment_bytes or (
+                    self._dataset_options and batch >= COMPRESSED_BATCH_BYTES):
                 return i + 1
         return len(held)
 
