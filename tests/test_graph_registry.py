@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tensortap
-from tensortap.capture import graphs, runtime
+from tensortap.capture import graphs, runtime, trigger
 
 
 class FakeGraph:
@@ -230,3 +230,33 @@ def test_graph_stats_cover_only_the_real_rows(tap_dir, hooked, monkeypatch):
         if want_array is not None:
             assert rec.stats_array().shape == (4, 2) and list(rec.stats_array()["zeros"][:, 1]) == [4] * 4
         assert d.record(point, step=8).stats["nonfinite"] == x[4:].numel()
+
+
+def test_a_trigger_in_a_graph_watches_the_real_rows_only(tap_dir, hooked):
+    """trigger=nonfinite on a replayed point: NaN in the padding rows past num_tokens fires nothing; NaN in
+    a real row fires, and the dump then holds that step and the trigger record."""
+    tensortap.configure(dir=tap_dir, trigger="nonfinite", ring=1, trigger_steps=0)
+    g = FakeGraph()
+    slots = capture(g, tokens=6, width=8, points=("hidden",))
+    assert "signal:rows" in slots["hidden"]
+    x = torch.randn(6, 8)  # [T, W]: rows 4 and 5 are padding
+
+    def kernels():  # what the replay recomputes into the slots
+        slots["hidden"]["data"].copy_(x)
+        slots["hidden"]["signal:rows"].copy_(trigger.row_signal("nonfinite", x))
+
+    g.kernels = kernels
+    x[4:] = float("nan")
+    for step in range(4):
+        with tensortap.scope(step=step, role="target", num_tokens=4):
+            g.replay()
+    x[1, 3] = float("nan")  # a real row
+    for step in range(4, 8):
+        with tensortap.scope(step=step, role="target", num_tokens=4):
+            g.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    fired = [r.meta["trigger"] for r in d if r.point == "trigger"]
+    assert {f["trigger"] for f in fired} == {"nonfinite"}
+    assert sorted(f["step"] for f in fired) == [4, 5, 6, 7], "padding NaN (steps 0-3) fired nothing"
+    assert min(r.step for r in d if r.point != "trigger") == 3, "of the padding-only steps, only the ring's"

@@ -147,3 +147,28 @@ def test_with_no_ring_the_trigger_step_itself_is_still_written(tap_dir):
     assert steps_written(d) == list(range(BAD, BAD + K + 1)), "the step that fired is in the dump"
     bad = d.get("merged_out", step=BAD)
     assert float(bad[:, 2].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("name, make", [
+    ("zero-heads", lambda: torch.randn(6, 4, 8)),
+    ("nonfinite", lambda: torch.randn(6, 16)),
+    ("lse-nonfinite", lambda: torch.randn(6, 4)),
+    ("empty-topk", lambda: torch.randint(-1, 3, (6, 3), dtype=torch.int32)),
+])
+def test_row_signals_of_the_real_rows_equal_the_signal_of_those_rows(name, make):
+    """Inside a CUDA graph a watched point keeps per-row pieces; reduced over rows < n they give exactly
+    the signal of x[:n] (n = num_tokens), and over every row the signal of x."""
+    torch.manual_seed(1)
+    for trial in range(20):
+        x = make()
+        if x.is_floating_point():
+            x[torch.rand(x.shape) < 0.1] = 0.0
+            x[torch.rand(x.shape) < 0.05] = float("nan")
+            x[torch.rand(x.shape) < 0.05] = float("inf")
+            if name == "zero-heads":
+                x[:, trial % 4] = 0.0 if trial % 3 else x[:, trial % 4]
+        pieces = trigger.row_signal(name, x)
+        assert int(trigger.reduce_rows(pieces, None)) == int(trigger.signal(name, x))
+        for n in (0, 1, 4):
+            expected = trigger.signal(name, x[:n]) if n else None
+            assert int(trigger.reduce_rows(pieces, n)) == (int(expected) if expected is not None else 0), (n, trial)

@@ -163,7 +163,7 @@ class Registry:
         num_tokens=n (the real rows; the rest is graph padding) trims a record of a point whose rows are
         tokens to its first n rows: full-mode data as a view, device stats by `on_host`, which the writer
         runs on the host (device_stats.finish of the per-row partials, for rows < n), so that junk in the
-        padding cannot reach the stats."""
+        padding cannot reach the stats, and the trigger signal of a watched point to the same rows."""
         drained = self.drain(graph)
         if not drained:
             return
@@ -172,7 +172,11 @@ class Registry:
         for slot, tensors in drained:
             meta = {**slot.meta, **stamp}
             signal = tensors.pop("signal", None)
+            signal = signal[0] if signal is not None else None  # []
             rows = real_rows(slot.point, meta.get("shape"), tokens)
+            pieces = tensors.pop("signal:rows", None)
+            if pieces is not None:  # the trigger sees the real rows only, as the stats do
+                signal = trigger.reduce_rows(pieces, rows)  # []
             if rows is not None:
                 meta["shape"] = [rows] + list(meta["shape"][1:])  # [num_tokens, ...]
                 if "data" in tensors:
@@ -180,7 +184,7 @@ class Registry:
             on_host = None if "data" in tensors else functools.partial(device_stats.finish, n=rows)
             for key, value in scope_tensors.items():
                 tensors.setdefault(key, value)
-            yield meta, tensors, (signal[0] if signal is not None else None), on_host
+            yield meta, tensors, signal, on_host
 
     def index_of(self, graph) -> int | None:
         entry = self._graphs.get(id(graph))
@@ -205,15 +209,21 @@ def real_rows(point: str, shape: list | None, tokens) -> int | None:
     return tokens if 0 <= tokens < shape[0] else None
 
 
-def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None) -> dict:
+def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point: str = "") -> dict:
     """The buffers of a new slot, made inside the capture: a copy of "data" (stats partials and "meta:"
-    snapshots are fresh tensors already) and, for a watched point, its trigger signal [1]."""
+    snapshots are fresh tensors already) and, for a watched point, its trigger signal: per row
+    ("signal:rows", reduced after the replay over the real rows only) when its rows are tokens, else
+    the signal itself [1]."""
     if "data" in tensors:
         tensors["data"] = tensors["data"].detach().clone(memory_format=torch.contiguous_format)  # a graph node
     if watched is not None:
-        value = trigger.signal(watched, tensor)
-        if value is not None:
-            tensors["signal"] = value.view(1)  # [1]
+        pieces = trigger.row_signal(watched, tensor) if by_rows(point, tensor) else None
+        if pieces is not None:
+            tensors["signal:rows"] = pieces  # [T, H] or [T]
+        else:
+            value = trigger.signal(watched, tensor)
+            if value is not None:
+                tensors["signal"] = value.view(1)  # [1]
     return tensors
 
 

@@ -380,7 +380,7 @@ class Tap:
                          state: ScopeState) -> None:
         """A slot of the graph being captured: the copy (or the stats) is made by the graph itself."""
         watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None
-        buffers = graphs.slot_buffers(self._tensors(tensor, point, state), tensor, watched)
+        buffers = graphs.slot_buffers(self._tensors(tensor, point, state), tensor, watched, point)
         meta = dict(state.meta)
         meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=_dtype(tensor),
                     shape=list(tensor.shape))

@@ -61,6 +61,39 @@ def signal(trigger: str, x: torch.Tensor) -> torch.Tensor | None:
     return (~torch.isfinite(x)).sum()  # []
 
 
+def row_signal(trigger: str, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-row pieces of `signal(trigger, x)` for a tensor whose rows are tokens (inside a CUDA graph,
+    where padding rows follow the real ones): [T, H] per-head absmax for zero-heads, [T] counts for the
+    others. `reduce_rows` turns the rows < n of them into the signal of those rows alone."""
+    if x.numel() == 0 or x.dim() < 1:
+        return None
+    if trigger == "zero-heads":
+        if x.dim() != 3 or not x.is_floating_point():
+            return None
+        return x.abs().amax(dim=2)  # [T, H]
+    if trigger == "empty-topk":
+        if x.dim() != 2 or x.is_floating_point():
+            return None
+        return ((x >= 0).sum(dim=-1) == 0).long()  # [T]
+    if not x.is_floating_point():
+        return None
+    flat = x.reshape(x.shape[0], -1)  # [T, N]
+    if trigger == "lse-nonfinite":
+        return (torch.isnan(flat) | (flat == float("inf"))).sum(dim=1)  # [T]
+    return (~torch.isfinite(flat)).sum(dim=1)  # [T]
+
+
+def reduce_rows(pieces: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """The signal of rows < `rows` (every row when None) from `row_signal`'s pieces: a 0-dim int64 on
+    their device."""
+    kept = pieces if rows is None else pieces[:rows]  # [n, H] or [n]
+    if kept.dim() == 2:  # zero-heads: the heads whose absmax is 0 in every kept row
+        if kept.shape[0] == 0:
+            return torch.zeros((), dtype=torch.int64, device=kept.device)
+        return (kept.amax(dim=0) == 0).sum()  # [H] -> []
+    return kept.sum()  # []
+
+
 class FlightRecorder:
     """Signals in flight, the ring of recent steps, and the after-trigger window."""
 
