@@ -208,3 +208,94 @@ def test_compressed_batches_stay_small_enough_to_inflate(tap_dir, monkeypatch):
     assert len(_batches(os.path.join(tap_dir, name))) == 5
     d = tensortap.open(tap_dir)
     assert [float(r.tensor()[3, 7]) for r in d.iter()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_list_of_millions_of_empty_objects_is_refused_early(tmp_path):
+    """A hostile 6 MB batch whose `meta` is [{}, {}, ...]: parsing stops once it holds more objects than
+    any batch can, in one line, without building millions of dicts and problems."""
+    path = str(tmp_path / "rank00000-forge-1-f0f0f0.00000.tap.h5.tmp")
+    forge_v2(path, [[]], committed=False)
+    with h5py.File(path, "r+") as f:
+        f["records"][schema.batch_name(0)].attrs["meta"] = "[" + ",".join(["{}"] * 2_000_000) + "]"
+    d = tensortap.open(path)
+    assert len(d) == 0 and "holds more than" in d.segments[0].truncation
+
+
+def test_set_aside_records_are_listed_up_to_a_bound(tmp_path):
+    bad = [(dict(meta_of(i), step="x"), np.zeros((2, 4), np.float32)) for i in range(150)]
+    path = forge_v2(str(tmp_path / "rank00000-forge-1-f0f0f0.00000.tap.h5"), [bad])
+    d = tensortap.open(path)
+    assert len(d) == 0 and len(d.warnings) == 101
+    assert d.warnings[-1].endswith("50 more record(s) set aside (the first 100 problems are listed)")
+
+
+def test_batches_are_cut_before_their_metadata_list_gets_too_long(tap_dir, monkeypatch):
+    """A reader takes at most 64 MiB of metadata in one attribute: the writer cuts a batch before its
+    `meta` list passes BATCH_META_CHARS (made small here), and every record stays readable."""
+    from tensortap.format import segment
+
+    monkeypatch.setattr(segment, "BATCH_META_CHARS", 6000)
+    tensortap.configure(dir=tap_dir, writer="thread")
+    with tensortap.scope(step=0, layer=0, page_ids=list(range(500))):  # ~2.5 KB of JSON per record
+        for i in range(5):
+            tensortap.point("layers.0.attn.lse", torch.full((4, 4), float(i)), spec_pos=i)
+    tensortap.close()
+    (name,) = segment_files(tap_dir)
+    batches = _batches(os.path.join(tap_dir, name))
+    assert len(batches) >= 2 and all(len(json.dumps(m)) <= 6000 for _, _, m in batches)
+    d = tensortap.open(tap_dir)
+    assert [float(r.tensor()[0, 0]) for r in d.iter()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_the_io_thread_exits_when_idle_and_comes_back(tmp_path, monkeypatch):
+    """The I/O thread leaves after IDLE_S without work (a closed writer leaves no thread behind), and the
+    next batch starts it again."""
+    import time
+
+    from tensortap.format import segment
+
+    monkeypatch.setattr(segment._IoThread, "IDLE_S", 0.05)
+    io = segment._IoThread()
+    path = str(tmp_path / "bytes")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for round_ in range(2):
+            payload = np.frombuffer(bytes([65 + round_]) * 3, np.uint8)
+            io.start(fd, [payload], 3 * round_)
+            io.wait()
+            assert io._running
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and io._running:
+                time.sleep(0.02)
+            assert not io._running, "it exited"
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == b"AAABBB"
+
+
+def test_a_compact_batchs_bytes_are_in_the_file_before_its_metadata_list(tmp_path, monkeypatch):
+    """A batch up to 1 KiB lives in its dataset's object header, which HDF5 may write out once `meta` is
+    added to it: its bytes must be in the file by then, else a SIGKILL could leave a listed batch of
+    zeros. Checked by scanning the file itself at the moment `meta` is made."""
+    from tensortap.format import segment
+    from tensortap.format.segment import PendingRecord, SegmentWriter
+
+    data = np.arange(1, 201, dtype=np.float32)  # 800 B: a compact batch
+    seen = []
+    real = SegmentWriter._text_attr
+
+    def spy(self, location, name, text):
+        with open(self._tmp_path, "rb") as f:
+            seen.append(data.tobytes() in f.read())
+        return real(self, location, name, text)
+
+    monkeypatch.setattr(SegmentWriter, "_text_attr", spy)
+    writer = SegmentWriter(str(tmp_path / "tap"), 0, {"host": "h", "pid": 1, "run_id": "r"})
+    meta = {"seq": 0, "name": "layers.0.attn.lse", "point": "lse", "step": 0, "layer": 0, "rank": 0,
+            "dtype": "float32", "shape": [200], "stats": {}, "stored": True}
+    writer.write(PendingRecord(meta, json.dumps(meta), data, "float32", (200,), {}))
+    writer.commit()
+    writer.close_segment()
+    assert seen == [True]
+    assert segment.COMPACT_BYTES >= data.nbytes

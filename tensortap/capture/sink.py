@@ -83,11 +83,15 @@ def build_record(meta: dict, meta_json: str | None, arrays: dict, full: bool) ->
             meta.pop(key, None)
         meta_json = None
     if data is not None and full:
+        if meta_json is None:  # encoded now: the segment writer sizes its batches by it
+            meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=True)
+        encoded = meta_json
+
         def finish(rec: PendingRecord) -> None:
             scalars, _ = stats.compute(data, dtype, point, keep_arrays=False)
-            rec.stats, rec.meta_json = scalars, _with_stats(meta, meta_json, scalars, True)
+            rec.stats, rec.meta_json = scalars, _with_stats(meta, encoded, scalars, True)
 
-        return PendingRecord(meta, None, data, dtype, tuple(data.shape), {}, None, finish)
+        return PendingRecord(meta, meta_json, data, dtype, tuple(data.shape), {}, None, finish)
     if data is not None:
         shape = tuple(data.shape)
         scalars, stats_array = stats.compute(data, dtype, point, keep_arrays=True)

@@ -26,6 +26,7 @@ from tensortap.text import human_bytes
 
 # How long a reader waits for a live writer's segment that cannot be read yet (mid-commit).
 LIVE_WAIT_S = 3.0
+MAX_PROBLEMS = 100  # records set aside that a segment lists one by one
 NOT_CLOSED = "not closed (writer killed); every flushed record is kept"
 MAX_DEPTH = 32  # directories below a dump directory that are searched for segments
 
@@ -64,6 +65,7 @@ class SegmentReader:
             raise FormatError(self.path, f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
         self.metas: list[dict] = []
         self.problems: list[FormatError] = []
+        self._unlisted = 0  # problems past MAX_PROBLEMS: counted, not kept
         self.root: dict = {}
         if not listing:  # opened to read tensors: the listing already checked the root
             return
@@ -119,8 +121,10 @@ class SegmentReader:
         if schema.INDEX_DATASET + "_meta" in self.file:
             metas = self._from_index()
             self._check_declared(metas)
+            self._count_unlisted()
             return metas, SegmentInfo(self.path, True, len(metas), self.root, problems=self.problems)
         metas, truncation = self._scan_batches(records) if self.batched else self._scan(records)
+        self._count_unlisted()
         self._check_declared(metas)
         return metas, SegmentInfo(self.path, False, len(metas), self.root, truncation, problems=self.problems)
 
@@ -146,13 +150,26 @@ class SegmentReader:
                                              f"in a {human_bytes(size)} file{how}; refusing the file",
                                   validate.NOT_A_DUMP_FIX)
 
+    def _problem(self, exc: FormatError) -> None:
+        """Keep a record's problem: the first MAX_PROBLEMS of a segment, the rest only counted (a hostile
+        file could hold millions)."""
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(exc)
+        else:
+            self._unlisted += 1
+
+    def _count_unlisted(self) -> None:
+        if self._unlisted:
+            self.problems.append(FormatError(self.path, f"{self._unlisted} more record(s) set aside (the first "
+                                                        f"{MAX_PROBLEMS} problems are listed)"))
+
     def _check(self, meta: dict, what: str, batch_bytes: int | None = None) -> dict | None:
         """The record's metadata if valid (with where its bytes are, in format 2: `batch_bytes` is the
         length of its batch dataset when known); else its problem is kept and None returned."""
         try:
             return validate.check_meta(self.path, meta, what, self.root.get("rank"), self.batched, batch_bytes)
         except FormatError as exc:
-            self.problems.append(exc)
+            self._problem(exc)
             return None
 
     def _from_index(self) -> list[dict]:
@@ -178,7 +195,7 @@ class SegmentReader:
             try:
                 meta = validate.parse_json(self.path, text, f"index entry {i}")
             except FormatError as exc:
-                self.problems.append(exc)
+                self._problem(exc)
                 continue
             meta = self._check(meta, f"record {meta.get('seq', i)!s:.20}")
             if meta is not None:
@@ -237,12 +254,12 @@ class SegmentReader:
                 return metas, f"stops at batch {name}: batch {schema.batch_name(batch)} is missing{salvage}"
             for i, entry in enumerate(entries):
                 if not isinstance(entry, dict):
-                    self.problems.append(FormatError(self.path, f"batch {name}, entry {i}: not a JSON object"))
+                    self._problem(FormatError(self.path, f"batch {name}, entry {i}: not a JSON object"))
                     continue
                 meta = self._check(entry, f"record {entry.get('seq', f'{name}[{i}]')!s:.20}", dataset.shape[0])
                 if meta is not None and meta["batch"] != batch:
-                    self.problems.append(FormatError(self.path, f"record {meta['seq']}: key 'batch': says "
-                                                                f"{meta['batch']}, but it is in batch {batch}"))
+                    self._problem(FormatError(self.path, f"record {meta['seq']}: key 'batch': says "
+                                                         f"{meta['batch']}, but it is in batch {batch}"))
                     continue
                 if meta is not None:
                     metas.append(meta)

@@ -56,6 +56,7 @@ STATS_DATASET = "_stats"
 MAX_RECORD_BYTES = 64 << 30
 MAX_META_CHARS = 64 << 20
 MAX_NDIM = 8
+MAX_BATCH_RECORDS = 1 << 16  # records in one batch dataset (the writer commits at most a few hundred)
 
 # The point groups live in the one vocabulary module; re-exported for the format's users.
 HEAD_POINTS, LSE_POINTS, INDEX_POINTS = vocab.HEAD_POINTS, vocab.LSE_POINTS, vocab.INDEX_POINTS

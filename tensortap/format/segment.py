@@ -42,7 +42,9 @@ from tensortap.format.codecs import STORED
 # SIGKILLed segment unreadable without h5clear. Measured here; see DESIGN section 5.
 LIBVER = ("v108", "v108")
 METADATA_CACHE_BYTES = 256 << 10
-COMPRESSED_BATCH_BYTES = 256 << 20  # a compressed batch dataset holds about this much at most
+COMPRESSED_BATCH_BYTES = 256 << 20  # a compressed batch dataset holds at most this much (unless one record does)
+BATCH_META_CHARS = 16 << 20  # a batch's `meta` list stays under this many characters (unless one record's does)
+ENTRY_EXTRA_CHARS = 512  # what completing a record adds to its metadata at most: stats, where its bytes are
 COMPACT_BYTES = 1 << 10  # batches up to this size are stored in their object header (no separate block)
 _SPACE_CACHE = 512  # distinct shapes whose dataspace ids are kept
 
@@ -53,11 +55,12 @@ class PendingRecord:
     text of its entry in the batch's `meta` list, stats and `stored` included), the stored array
     (None in stats mode) and its stats.
 
-    A stored record may come with `finish`, which fills in `meta_json` and `stats` from the array:
-    the segment writer calls it while the batch's bytes are being written (`complete`)."""
+    A stored record may come with `finish`, which computes `stats` from the array and completes
+    `meta_json` with them: the segment writer calls it while the batch's bytes are being written
+    (`complete`)."""
 
     meta: dict
-    meta_json: str | None
+    meta_json: str
     array: np.ndarray | None
     dtype: str
     shape: tuple[int, ...]
@@ -171,14 +174,19 @@ class SegmentWriter:
             self._flush()
 
     def _room(self, held: list) -> int:
-        """How many of `held` go into the next batch dataset: up to the open segment's record and byte
-        limits, and for a compressed batch up to COMPRESSED_BATCH_BYTES (readers inflate at most 1 GiB
-        of one dataset); at least one."""
-        count, nbytes, batch = len(self._rows), self._bytes, 0
+        """How many of `held` go into the next batch dataset (at least one): up to the open segment's
+        record and byte limits; and before its `meta` list would pass BATCH_META_CHARS, or a compressed
+        batch COMPRESSED_BATCH_BYTES (readers read at most 64 MiB of metadata in one attribute and
+        inflate at most 1 GiB of one dataset)."""
+        count, nbytes, batch, chars = len(self._rows), self._bytes, 0, 0
         for i, rec in enumerate(held):
-            count, nbytes, batch = count + 1, nbytes + rec.nbytes, batch + rec.nbytes
-            if count >= self.segment_records or nbytes >= self.segment_bytes or (
-                    self._dataset_options and batch >= COMPRESSED_BATCH_BYTES):
+            size = rec.nbytes + (rec.stats_array.nbytes if rec.stats_array is not None else 0)
+            text = len(rec.meta_json) + ENTRY_EXTRA_CHARS
+            if i and (i >= schema.MAX_BATCH_RECORDS or chars + text > BATCH_META_CHARS
+                      or (self._dataset_options and batch + size > COMPRESSED_BATCH_BYTES)):
+                return i
+            count, nbytes, batch, chars = count + 1, nbytes + rec.nbytes, batch + size, chars + text
+            if count >= self.segment_records or nbytes >= self.segment_bytes:
                 return i + 1
         return len(held)
 
@@ -212,10 +220,12 @@ class SegmentWriter:
         if self._dataset_options:
             blob = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)  # [offset]
             dataset = self._records.create_dataset(name.decode(), data=blob, **self._dataset_options).id
+            dataset.flush()  # its chunks leave HDF5's chunk cache for the file before `meta` can
         elif offset <= COMPACT_BYTES:
             dataset = h5d.create(self._records.id, name, self._u8, self._space((offset,)), self._compact)
             if offset:
                 dataset.write(h5s.ALL, h5s.ALL, np.concatenate(pieces))  # [offset]
+            dataset.flush()  # its bytes live in its header: written out before `meta` is added to it
         else:
             dataset = h5d.create(self._records.id, name, self._u8, self._space((offset,)), self._early)
             io = self._io_thread()
@@ -385,14 +395,14 @@ class SegmentWriter:
         HDF5 would go on writing (metadata flushes at close) into a file it could not extend, and
         could leave a superblock that claims more than the file holds; its descriptor is pointed
         at /dev/null first. The loss goes to `<segment>.error.json`, best effort."""
+        self._held = []
+        if self._fd >= 0:  # also when closing the segment failed half way
+            os.close(self._fd)
+            self._fd = -1
         if self._file is None:
             return
         f, self._file = self._file, None
         self._written_totals = {}
-        self._held = []
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         try:
             fd = f.id.get_vfd_handle()
             devnull = os.open(os.devnull, os.O_RDWR)
@@ -446,19 +456,27 @@ def rename_no_replace(src: str, dst: str) -> None:
 
 
 class _IoThread:
-    """One daemon thread that writes a batch's bytes (`start`) while the writer completes its metadata;
-    `wait` returns when they are written, raising what the write raised."""
+    """A daemon thread that writes a batch's bytes (`start`) while the writer completes its metadata;
+    `wait` returns when they are written, raising what the write raised. It exits after IDLE_S without
+    work (a writer that is closed leaves no thread behind) and is started again by the next batch."""
+
+    IDLE_S = 10.0
 
     def __init__(self):
         self._job = None
         self._error: BaseException | None = None
         self._ready = threading.Semaphore(0)
         self._done = threading.Semaphore(0)
-        threading.Thread(target=self._run, name="tensortap-segment-io", daemon=True).start()
+        self._lock = threading.Lock()
+        self._running = False
 
     def start(self, fd: int, pieces: list, offset: int) -> None:
         self._job, self._error = (fd, pieces, offset), None
-        self._ready.release()
+        with self._lock:
+            self._ready.release()
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="tensortap-segment-io", daemon=True).start()
 
     def wait(self) -> None:
         self._done.acquire()
@@ -469,7 +487,11 @@ class _IoThread:
 
     def _run(self) -> None:
         while True:
-            self._ready.acquire()
+            if not self._ready.acquire(timeout=self.IDLE_S):
+                with self._lock:  # start() releases under this lock: no job can slip in unseen
+                    if not self._ready.acquire(blocking=False):
+                        self._running = False
+                        return
             try:
                 _pwritev_all(*self._job)
             except BaseException as exc:  # handed to wait(), in the writer's thread

@@ -39,6 +39,7 @@ NOT_A_DUMP_FIX = "pass a directory or file written by TAP=... or tensortap.confi
 MAX_INFLATED_BYTES = 1 << 30
 # deflate cannot exceed 1032:1; anything claiming more is not what a writer produced.
 MAX_INFLATE_RATIO = 1100
+MAX_BATCH_OBJECTS = 4 * schema.MAX_BATCH_RECORDS  # JSON objects in a batch's metadata: a record and its stats, trigger, ...
 COMPACT_MAX_BYTES = 64 << 10  # HDF5 compact datasets live in the object header (< 64 KiB)
 CRC_ATTR = "crc32"
 
@@ -286,15 +287,33 @@ def parse_meta(path: str, group: h5py.Group, size: int) -> dict:
     return parse_json(path, raw, f"'{group.name}' metadata")
 
 
+class _TooMany(Exception):
+    pass
+
+
 def parse_batch_meta(path: str, dataset: h5py.Dataset, size: int) -> list:
-    """Format 2: a batch dataset's `meta` attribute (a JSON list, bounded in size)."""
+    """Format 2: a batch dataset's `meta` attribute: a JSON list, bounded in size and in the objects it
+    holds (counted while it is parsed: a 6 MB list of empty objects would otherwise become millions of
+    dicts)."""
     raw = read_attr(path, dataset, schema.META_ATTR, schema.MAX_META_CHARS, size)
     if raw is None:
         raise FormatError(path, f"'{dataset.name}' has no '{schema.META_ATTR}' attribute")
-    return parse_json(path, raw, f"'{dataset.name}' metadata", kind=list)
+    objects = [0]
+
+    def counted(value: dict) -> dict:
+        objects[0] += 1
+        if objects[0] > MAX_BATCH_OBJECTS:
+            raise _TooMany()
+        return value
+
+    try:
+        return parse_json(path, raw, f"'{dataset.name}' metadata", kind=list, object_hook=counted)
+    except _TooMany:
+        raise FormatError(path, f"'{dataset.name}' metadata holds more than {MAX_BATCH_OBJECTS} objects; "
+                                f"a batch has at most {schema.MAX_BATCH_RECORDS} records") from None
 
 
-def parse_json(path: str, raw, what: str, kind: type = dict):
+def parse_json(path: str, raw, what: str, kind: type = dict, object_hook=None):
     if isinstance(raw, np.ndarray) and raw.shape == ():
         raw = raw[()]
     if isinstance(raw, bytes):
@@ -302,7 +321,7 @@ def parse_json(path: str, raw, what: str, kind: type = dict):
     if not isinstance(raw, str) or len(raw) > schema.MAX_META_CHARS:
         raise FormatError(path, f"{what} is not a JSON string of bounded size")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_hook=object_hook)
     except (ValueError, RecursionError):
         raise FormatError(path, f"{what} is not valid JSON") from None
     if not isinstance(value, kind):
