@@ -524,3 +524,29 @@ def test_snapshot_buffers_are_reused_only_once_written(tap_dir, writer):
     assert d.steps == list(range(60))
     for rec in d.iter():
         assert torch.all(rec.tensor() == rec.step), (rec.name, rec.step)
+
+
+def test_a_writer_that_fell_behind_sends_the_writer_process_batches_of_a_quarter_ring(tap_dir, monkeypatch):
+    """Batches queued behind a slow writer are merged, but for a writer process only up to a quarter of
+    the shared ring: a batch filling the whole ring would make the server wait for all of it to be
+    committed before copying the next one in. Nothing is lost or reordered."""
+    monkeypatch.setattr(ChildSink, "RING_BYTES", 4 << 20)  # merges of at most 1 MiB
+    sizes = []
+    real = ChildSink.write_batch
+
+    def slow(self, jobs, arrays, totals):
+        sizes.append(sum(held["data"].nbytes for held in arrays if "data" in held))
+        if len(sizes) == 1:
+            time.sleep(0.5)  # the queue fills up behind this first batch
+        return real(self, jobs, arrays, totals)
+
+    monkeypatch.setattr(ChildSink, "write_batch", slow)
+    tensortap.configure(dir=tap_dir, writer="process")
+    for step in range(40):
+        with tensortap.scope(step=step, layer=0):
+            tensortap.point("layers.0.attn.kv_pages", torch.full((128, 1024), step % 251, dtype=torch.uint8))  # 128 KiB
+    tensortap.close()
+    assert len(sizes) < 40, "batches that queued up were merged"
+    assert max(sizes) <= (1 << 20) + (128 << 10), sizes
+    d = tensortap.open(tap_dir)
+    assert d.steps == list(range(40)) and all(int(r.tensor()[0, 0]) == r.step % 251 for r in d.iter())

@@ -107,6 +107,15 @@ class ChildSink:
     PIPE_BYTES = 1 << 20
     RING_BYTES = 64 << 20
 
+    @property
+    def merge_bytes(self) -> int:
+        """How much the writer thread merges into one batch when it fell behind: a quarter of the ring,
+        so that several batches are in flight. A batch filling the whole ring would make this thread
+        wait for the writer process to commit all of it before it could copy the next one in (the two
+        processes taking turns); the writer process merges what queued up in its pipe into one commit
+        anyway."""
+        return self._ring.size // 4 if self._ring is not None else 16 << 20
+
     def __init__(self, opening: dict, timeout: float = 120.0):
         self.opening = opening
         self.where = opening["dir"]

@@ -223,7 +223,8 @@ class Writer:
                 item = self._queue.popleft()
                 if isinstance(item, _Batch):
                     jobs, size = list(item.jobs), item.nbytes
-                    while self._queue and isinstance(self._queue[0], _Batch) and size < MERGE_BYTES \
+                    limit = getattr(self.sink, "merge_bytes", MERGE_BYTES)
+                    while self._queue and isinstance(self._queue[0], _Batch) and size < limit \
                             and len(jobs) < MERGE_JOBS:
                         more = self._queue.popleft()  # fell behind: one commit for what queued up
                         jobs += more.jobs
