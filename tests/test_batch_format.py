@@ -299,3 +299,31 @@ def test_a_compact_batchs_bytes_are_in_the_file_before_its_metadata_list(tmp_pat
     writer.close_segment()
     assert seen == [True]
     assert segment.COMPACT_BYTES >= data.nbytes
+
+
+def test_a_failure_after_a_rotation_counts_the_flushed_part_as_written(tap_dir, monkeypatch):
+    """One forward of 5 records with segment_records=2 commits in three parts (2, 2, 1), each flushed. The
+    disk fills up in the third: the first four records are readable and counted as written, one is lost.
+    (writer=thread here; the writer process reports the same counts in its "E" reply, from the same
+    Recorder.)"""
+    from tensortap.format import segment
+
+    real, calls = segment._pwritev_all, []
+
+    def full_disk(fd, pieces, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(fd, pieces, offset)
+
+    monkeypatch.setattr(segment, "_pwritev_all", full_disk)
+    tensortap.configure(dir=tap_dir, writer="thread", segment_records=2)
+    with tensortap.scope(step=0, layer=0):
+        for i in range(5):
+            tensortap.point("layers.0.attn.q", torch.full((2, 4, 512), float(i)), spec_pos=i)  # 16 KiB each
+    tensortap.flush(timeout=30)
+    counters = tensortap.stats()
+    tensortap.close()
+    assert counters["records"] == 4 and counters["lost"] == 1, counters
+    d = tensortap.open(tap_dir)
+    assert [float(r.tensor()[0, 0, 0]) for r in d.iter()] == [0.0, 1.0, 2.0, 3.0]

@@ -29,15 +29,21 @@ from tensortap.text import one_line
 
 
 class Recorder:
-    """Stats and segments for one writer run; `written`/`written_bytes` count what was committed."""
+    """Stats and segments for one writer run; `written`/`written_bytes` count what was committed (every
+    batch flushed, also those before a batch that failed)."""
 
     def __init__(self, opening: dict):
         self.segments = SegmentWriter(opening["dir"], opening["rank"], opening["root_attrs"], opening["compress"],
                                       opening["segment_records"], opening["segment_bytes"],
                                       bool(opening.get("checksum", False)))
-        self.written = 0
-        self.written_bytes = 0
-        self._held = [0, 0]  # records and bytes written since the last commit
+
+    @property
+    def written(self) -> int:
+        return self.segments.committed_records
+
+    @property
+    def written_bytes(self) -> int:
+        return self.segments.committed_bytes
 
     @property
     def where(self) -> str:
@@ -47,26 +53,15 @@ class Recorder:
         """One record. `meta_json` is the metadata as the server encoded it (without stats), or None
         when `meta` is to be encoded here (writer=thread): either way it is encoded once."""
         self.segments.write(build_record(meta, meta_json, arrays, full))
-        self._held[0] += 1
-        data = arrays.get("data")
-        if full and data is not None:
-            self._held[1] += data.nbytes
 
     def commit(self, totals: dict) -> None:
         self.segments.totals = {f"{k}_total": int(v) for k, v in totals.items()}
         self.segments.commit()
-        self._committed()
 
     def close(self, totals: dict | None = None) -> None:
         if totals:
             self.segments.totals = {f"{k}_total": int(v) for k, v in totals.items()}
         self.segments.close_segment()
-        self._committed()
-
-    def _committed(self) -> None:
-        self.written += self._held[0]
-        self.written_bytes += self._held[1]
-        self._held = [0, 0]
 
     def mark_failure(self, attrs: dict) -> None:
         self.segments.mark_failure(attrs)
@@ -138,10 +133,10 @@ def serve(stdin, stdout) -> int:
         nonlocal failed, lost
         failed = exc
         message = one_line(exc)
-        lost += state["records"]  # written since the last commit: not committed
+        committed_now = recorder.written - state["committed"][0]  # parts of a rotating commit that got flushed
+        lost += state["records"] - committed_now  # written since the last commit and not committed
         waiting.clear()
-        records, nbytes = state["committed"]
-        reply(f"E {records} {nbytes} {message}")
+        reply(f"E {recorder.written} {recorder.written_bytes} {message}")
         recorder.mark_failure({"capture_error": message, "records_lost": lost, "failed_ns": time.time_ns()})
 
     def commit() -> None:

@@ -150,6 +150,8 @@ class SegmentWriter:
         self._batch = 0  # the next batch dataset's number in the open segment
         self._fd = -1  # the open segment, for pwritev
         self._io: _IoThread | None = None  # started by the first large batch
+        self.committed_records = 0  # records of every batch flushed so far, over all segments
+        self.committed_bytes = 0  # their stored bytes
         self.paths: list[str] = []  # closed segments
 
     # -- records ---------------------------------------------------------------------------
@@ -165,9 +167,11 @@ class SegmentWriter:
             if self._file is None:
                 self._open_next()
             room = self._room(held)
-            self._write_batch(held[:room])
-            held = held[room:]
+            part, held = held[:room], held[room:]
+            self._write_batch(part)
             self._flush()
+            self.committed_records += len(part)
+            self.committed_bytes += sum(rec.nbytes for rec in part)
             if len(self._rows) >= self.segment_records or self._bytes >= self.segment_bytes:
                 self.close_segment()
         if self._file is not None and (self._dirty or self._totals_changed()):
