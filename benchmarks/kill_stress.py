@@ -1,7 +1,7 @@
 """SIGKILL a tapping process at a random moment 0-80 ms after a flush, many times, and classify what
 the reader finds at once (docs/crash-safety.md):
 
-    python benchmarks/kill_stress.py KILLS WORKERS [scope]
+    [KILL_DIR=/dev/shm] python benchmarks/kill_stress.py KILLS WORKERS [scope]
 
 Kills alternate writer=thread (the writer dies with the server) and writer=process (only the server
 dies: the reader waits for its writer process to commit). Without `scope`, each record is its own
@@ -47,7 +47,7 @@ def one(args):
     i, writer, scoped = args
     import tensortap
     rng = random.Random(i)
-    base = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    base = tempfile.mkdtemp(dir=os.environ.get("KILL_DIR"))  # default: the temporary directory (a disk)
     directory = os.path.join(base, "tap")
     read, report = os.pipe()
     pid = os.fork()
