@@ -167,9 +167,9 @@ def test_a_batch_whose_bytes_failed_to_write_is_never_read(tap_dir, monkeypatch,
     """Disk full in the middle of a batch's bytes: capture stops with one error, the batches before it
     stay readable, and the failed batch (its dataset may be in the file) has no metadata list, so no
     record of it is read with bytes that were never written."""
-    from tensortap.format import segment
+    from tensortap import fileio
 
-    real, calls = segment._pwritev_all, []
+    real, calls = fileio.write_all, []
 
     def full_disk(fd, pieces, offset):
         calls.append(offset)
@@ -178,7 +178,7 @@ def test_a_batch_whose_bytes_failed_to_write_is_never_read(tap_dir, monkeypatch,
             raise OSError(28, "No space left on device")
         real(fd, pieces, offset)
 
-    monkeypatch.setattr(segment, "_pwritev_all", full_disk)
+    monkeypatch.setattr(fileio, "write_all", full_disk)
     tensortap.configure(dir=tap_dir, writer="thread")
     for step in range(5):
         with tensortap.scope(step=step, layer=0):
@@ -252,10 +252,10 @@ def test_the_io_thread_exits_when_idle_and_comes_back(tmp_path, monkeypatch):
     next batch starts it again."""
     import time
 
-    from tensortap.format import segment
+    from tensortap import fileio
 
-    monkeypatch.setattr(segment._IoThread, "IDLE_S", 0.05)
-    io = segment._IoThread()
+    monkeypatch.setattr(fileio.IoThread, "IDLE_S", 0.05)
+    io = fileio.IoThread()
     path = str(tmp_path / "bytes")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -306,9 +306,9 @@ def test_a_failure_after_a_rotation_counts_the_flushed_part_as_written(tap_dir, 
     disk fills up in the third: the first four records are readable and counted as written, one is lost.
     (writer=thread here; the writer process reports the same counts in its "E" reply, from the same
     Recorder.)"""
-    from tensortap.format import segment
+    from tensortap import fileio
 
-    real, calls = segment._pwritev_all, []
+    real, calls = fileio.write_all, []
 
     def full_disk(fd, pieces, offset):
         calls.append(offset)
@@ -316,7 +316,7 @@ def test_a_failure_after_a_rotation_counts_the_flushed_part_as_written(tap_dir, 
             raise OSError(28, "No space left on device")
         real(fd, pieces, offset)
 
-    monkeypatch.setattr(segment, "_pwritev_all", full_disk)
+    monkeypatch.setattr(fileio, "write_all", full_disk)
     tensortap.configure(dir=tap_dir, writer="thread", segment_records=2)
     with tensortap.scope(step=0, layer=0):
         for i in range(5):

@@ -21,7 +21,7 @@ from tensortap.capture import device_stats, runtime
 from tensortap.capture.writer import ChildSink
 from tensortap.format import schema, stats
 from tensortap.format.codecs import encode
-from tensortap.format.segment import rename_no_replace
+from tensortap.fileio import rename_no_replace
 
 from conftest import segment_files, torn_by_a_flush
 

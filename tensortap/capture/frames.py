@@ -35,10 +35,11 @@ and takes zero-copy numpy views into it. It answers on its stdout, one line per 
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import numpy as np
+
+from tensortap.fileio import write_all  # noqa: F401  (the server sends frames with it)
 
 OPEN, BATCH, FLUSH, CLOSE = 1, 2, 3, 4
 TOTALS = ("records", "bytes", "dropped", "over_budget", "lost", "errors", "graph_skipped")
@@ -49,7 +50,6 @@ _RECORD = struct.Struct("<IBBxx")
 _ARRAY = struct.Struct("<BBBBxxxxQ")
 _ALIGN = 16
 _INLINE = 4096  # arrays up to this size are copied into the record's header bytes (one iovec less)
-_IOV_MAX = 512
 RING_MIN = 64 << 10  # arrays of at least this many bytes go through the shared ring, when there is one
 _PAD = bytes(_ALIGN)
 
@@ -99,20 +99,6 @@ def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, d
     if head:
         pieces.append(bytes(head))
     return [_FRAME.pack(BATCH, len(records), length)] + pieces
-
-
-def write_all(fd: int, pieces: list) -> None:
-    """os.writev until every byte is out (a pipe may take part of it; IOV_MAX bounds one call)."""
-    views = [memoryview(p) for p in pieces if len(p)]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
 
 
 # -- writer-process side ------------------------------------------------------------------------------------

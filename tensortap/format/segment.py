@@ -20,12 +20,9 @@ the segment grows (measured here).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import math
 import os
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -35,6 +32,7 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5p, h5s, h5t
 
+from tensortap import fileio
 from tensortap.format import schema
 from tensortap.format.codecs import STORED
 
@@ -80,24 +78,6 @@ class PendingRecord:
     @property
     def nbytes(self) -> int:
         return self.array.nbytes if self.array is not None else 0
-
-
-def create_private_dir(path: str) -> None:
-    """Create `path` (and parents) 0700; an existing directory is left as the user made it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class SegmentWriter:
@@ -149,7 +129,7 @@ class SegmentWriter:
         self._held: list[PendingRecord] = []  # written, not committed yet
         self._batch = 0  # the next batch dataset's number in the open segment
         self._fd = -1  # the open segment, for pwritev
-        self._io: _IoThread | None = None  # started by the first large batch
+        self._io: fileio.IoThread | None = None  # started by the first large batch
         self.committed_records = 0  # records of every batch flushed so far, over all segments
         self.committed_bytes = 0  # their stored bytes
         self.paths: list[str] = []  # closed segments
@@ -261,9 +241,9 @@ class SegmentWriter:
         self._batch += 1
         self._dirty = True
 
-    def _io_thread(self) -> "_IoThread":
+    def _io_thread(self) -> fileio.IoThread:
         if self._io is None:
-            self._io = _IoThread()
+            self._io = fileio.IoThread()
         return self._io
 
     def _type(self, dtype: np.dtype):
@@ -306,7 +286,7 @@ class SegmentWriter:
 
     # -- segments --------------------------------------------------------------------------
     def _open_next(self) -> None:
-        create_private_dir(self.directory)
+        fileio.create_private_dir(self.directory)
         while True:  # the next name free under both its names: never replace a segment
             final = os.path.join(self.directory, self._name())
             self._tmp_path = final[: -len(schema.SUFFIX)] + schema.TMP_SUFFIX
@@ -384,12 +364,12 @@ class SegmentWriter:
         final = self._tmp_path[: -len(".tmp")]
         while True:
             try:
-                rename_no_replace(self._tmp_path, final)
+                fileio.rename_no_replace(self._tmp_path, final)
                 break
             except FileExistsError:  # someone made that name since we opened: the next free one
                 self._seg += 1
                 final = os.path.join(self.directory, self._name())
-        _fsync_dir(self.directory)
+        fileio.fsync_dir(self.directory)
         self.paths.append(final)
         self._seg += 1
 
@@ -431,80 +411,7 @@ class SegmentWriter:
         return self._tmp_path if self._file is not None else None
 
 
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_libc = None
-
-
-def rename_no_replace(src: str, dst: str) -> None:
-    """rename(2) that fails with FileExistsError instead of replacing `dst` (renameat2 on Linux;
-    elsewhere a check then a rename)."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.renameat2  # noqa: B018  (absent before glibc 2.28)
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
-            raise FileExistsError(code, "segment exists", dst)
-        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-            raise OSError(code, os.strerror(code), src)
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "segment exists", dst)
-    os.rename(src, dst)
-
-
-class _IoThread:
-    """A daemon thread that writes a batch's bytes (`start`) while the writer completes its metadata;
-    `wait` returns when they are written, raising what the write raised. It exits after IDLE_S without
-    work (a writer that is closed leaves no thread behind) and is started again by the next batch."""
-
-    IDLE_S = 10.0
-
-    def __init__(self):
-        self._job = None
-        self._error: BaseException | None = None
-        self._ready = threading.Semaphore(0)
-        self._done = threading.Semaphore(0)
-        self._lock = threading.Lock()
-        self._running = False
-
-    def start(self, fd: int, pieces: list, offset: int) -> None:
-        self._job, self._error = (fd, pieces, offset), None
-        with self._lock:
-            self._ready.release()
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name="tensortap-segment-io", daemon=True).start()
-
-    def wait(self) -> None:
-        self._done.acquire()
-        self._job = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _run(self) -> None:
-        while True:
-            if not self._ready.acquire(timeout=self.IDLE_S):
-                with self._lock:  # start() releases under this lock: no job can slip in unseen
-                    if not self._ready.acquire(blocking=False):
-                        self._running = False
-                        return
-            try:
-                _pwritev_all(*self._job)
-            except BaseException as exc:  # handed to wait(), in the writer's thread
-                self._error = exc
-            self._done.release()
-
-
 _ZEROS = bytes(schema.BATCH_ALIGN)
-_IOV_MAX = 512  # iovecs per pwritev call (Linux allows 1024)
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:
@@ -520,21 +427,6 @@ def _place(pieces: list, flat: np.ndarray, offset: int) -> int:
     if pad:
         pieces.append(np.frombuffer(_ZEROS, np.uint8, pad))  # [pad]
     return end + pad
-
-
-def _pwritev_all(fd: int, pieces: list, offset: int) -> None:
-    """Write every piece, in order, from file offset `offset` (pwritev may write less than asked)."""
-    views = [memoryview(p) for p in pieces if p.size]
-    while views:
-        chunk = views[:_IOV_MAX]
-        done = os.pwritev(fd, chunk, offset)
-        offset += done
-        while chunk and done >= chunk[0].nbytes:  # drop what was written whole
-            done -= chunk[0].nbytes
-            chunk.pop(0)
-            views.pop(0)
-        if done:  # a piece written in part: its rest goes next
-            views[0] = views[0][done:]
 
 
 def _index_row(rec: PendingRecord) -> tuple:

@@ -243,14 +243,12 @@ def check_crc(path: str, dataset: h5py.Dataset, array: np.ndarray, what: str, si
         expected = expected.item()
     if not isinstance(expected, int) or isinstance(expected, bool) or not 0 <= expected < 1 << 32:
         raise FormatError(path, f"{what}: its crc32 attribute is not an unsigned 32-bit integer ({expected!r})")
-    actual = zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")) if array.size else 0
-    if actual != expected:
-        raise FormatError(path, f"{what}: stored bytes fail their crc32 check ({actual:#010x} != {expected:#010x}); "
-                                f"the file was changed after capture", "recapture, or restore the file")
+    check_crc_value(path, expected, np.ascontiguousarray(array).reshape(-1).view(np.uint8), what)
 
 
 def check_crc_value(path: str, expected, raw: np.ndarray, what: str) -> None:
-    """Format 2: the record's "crc32" (already checked to be a uint32) against its stored bytes `raw`."""
+    """A record's crc32 (a uint32: format 2's "crc32" key, format 1's attribute) against its stored bytes
+    `raw` (uint8, C order)."""
     if expected is None:
         return
     actual = zlib.crc32(raw) if raw.size else 0
