@@ -38,9 +38,11 @@ land in the graph's static slots).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tensortap import vocab
+from tensortap.capture import stats_kernel
 
 HASH_MODULUS = 65521
 _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -59,6 +61,13 @@ def parts(tensor: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
 def partials(tensor: torch.Tensor, point: str, rows: bool = False) -> dict[str, torch.Tensor]:
     """What the caller's stream computes for the parts of `tensor` (module docstring), on its device;
     with `rows` (rows along dimension 0 of a tensor of at least one dimension), per row."""
+    if stats_kernel.usable(tensor, point):
+        return stats_kernel.cells(tensor, point)  # one kernel; per row, so it serves `rows` too
+    return _torch_partials(tensor, point, rows)
+
+
+def _torch_partials(tensor: torch.Tensor, point: str, rows: bool = False) -> dict[str, torch.Tensor]:
+    """`partials` with torch's kernels: on the CPU, where Triton is missing, and for fp8 and float64."""
     kind = "rows:" if rows else "part:"
     out: dict[str, torch.Tensor] = {}
     if point in vocab.ROW_POINTS:
@@ -87,6 +96,8 @@ def partials(tensor: torch.Tensor, point: str, rows: bool = False) -> dict[str, 
 def finish(tensors: dict, n: int | None = None) -> dict:
     """A record's tensors with its partials turned into the parts (module docstring), on their device;
     per-row partials give the parts of rows < n (all rows when n is None). Other tensors pass through."""
+    if any(key.startswith("cells:") for key in tensors):
+        return _from_cells(tensors, n)
     if any(key.startswith("rows:") for key in tensors):
         tensors = _first_rows(tensors, n)
     out = {}
@@ -127,6 +138,32 @@ def _first_rows(tensors: dict, n: int | None) -> dict:
             out[key] = value[:n]  # [n, ...]
         else:
             out[key] = value
+    return out
+
+
+def _from_cells(tensors: dict, n: int | None) -> dict:
+    """The parts of x[:n] from the fused kernel's partials per (row, group, chunk) (stats_kernel.py),
+    reduced on the host with numpy: a few microseconds of the writer's time, not a kernel each."""
+    cells = {key[6:]: np.asarray(value.cpu()) for key, value in tensors.items() if key.startswith("cells:")}
+    out = {key: value for key, value in tensors.items() if not key.startswith("cells:")}
+    cut = {key: value[:n] for key, value in cells.items()}  # [n, G, C, ...]: the real rows
+    kept = next(iter(cut.values())).shape[0]
+    if "hash" in cut:
+        out["stats:hash"] = torch.from_numpy(cut["hash"].sum(dtype=np.int64).reshape(1))  # [1], wrapping
+    if kept == 0:
+        return out  # x[:n] is empty: only its hash (0) remains
+    if "buckets" in cut:  # -inf, finite, +inf, NaN -> (nan, posinf, neginf, absmax)
+        counts = cut["buckets"].sum(axis=(0, 1, 2), dtype=np.int64)  # [4]
+        absmax = float(cut["absmax"].max())
+        out["stats:scalars"] = torch.tensor([counts[3], counts[2], counts[0], absmax], dtype=torch.float64)  # [4]
+    if "min" in cut:  # integers: (0, 0, 0, max(-min, max)) in float64, as the host's Python ints
+        low, high = float(cut["min"].min()), float(cut["max"].max())
+        out["stats:scalars"] = torch.tensor([0.0, 0.0, 0.0, max(-low, high)], dtype=torch.float64)  # [4]
+    if "sumsq" in cut:
+        out["stats:norm"] = torch.from_numpy(np.sqrt(cut["sumsq"].sum(axis=2)).astype(np.float32))  # [n, H]
+        out["stats:zeros"] = torch.from_numpy(cut["zeros"].sum(axis=2, dtype=np.int32))  # [n, H]
+    if "valid" in cut:
+        out["stats:valid"] = torch.from_numpy(cut["valid"].sum(axis=(1, 2), dtype=np.int32))  # [n]
     return out
 
 

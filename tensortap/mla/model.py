@@ -224,8 +224,9 @@ class MLALayer:
         tensortap.point(name + "topk", topk)
         tensortap.point(name + "slots", slots)
         if tensortap.wants(name + "kv_pages"):
-            # static shapes: every page of the batch's requests (a superset; unique() would size on the host)
-            pages = meta.block_table[meta.req_ids].reshape(-1) if meta.static else pages_to_dump(topk, slots, meta)  # [P]
+            # every page of the batch's requests: a superset of those read, found with no host sync (the
+            # exact set needs unique(), which sizes its output on the host), the same eager and in graphs
+            pages = meta.block_table[meta.req_ids].reshape(-1)  # [T * blocks per request]
             tensortap.point(name + "kv_pages", self.cache.pages(pages), page_ids=pages)
         out, lse = sparse_mla_decode(q, self.cache, slots, self.cfg.softmax_scale)  # [T, Hq, 512], [T, Hq]
         if self.dcp_size > 1:
@@ -285,11 +286,3 @@ def write_rows(buffer: PagedBuffer, slots: torch.Tensor, rows: torch.Tensor) -> 
     fallback = torch.where(any_kept, rows.index_select(0, first), flat[:1])  # [1, W]
     flat.index_put_((target,), torch.where(keep[:, None], rows, fallback))  # [T, W] written
 
-
-def pages_to_dump(topk: torch.Tensor, slots: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
-    """Physical pages [P] (sorted, unique) that the selected ids map to on this rank under the cache's
-    sharding (meta: the process group's DCP), plus those the consumed slots [T, K] touched."""
-    owned = sharding.filter_and_convert(topk, meta.req_ids, meta.block_table, meta.block_size,
-                                        meta.dcp_size, meta.dcp_rank, meta.interleave)  # [T, K]
-    both = torch.cat([owned.reshape(-1), slots.reshape(-1)]).long()  # [2*T*K]
-    return torch.unique(both[both >= 0] // meta.block_size).to(torch.int32)  # [P]

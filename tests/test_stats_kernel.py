@@ -1,0 +1,115 @@
+"""The fused stats kernel (capture/stats_kernel.py) gives the same parts, bit for bit, as torch's
+kernels (capture/device_stats.py): under Triton's interpreter on the CPU where Triton is installed,
+and on a GPU (marked gpu), eagerly and inside CUDA-graph capture."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensortap.capture import device_stats, stats_kernel
+
+gpu = pytest.mark.gpu
+HERE = Path(__file__).resolve().parent
+
+COMPARE = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from tensortap.capture import device_stats, stats_kernel
+    from test_device_stats import cases, bits
+    stats_kernel.CHUNK = 2048  # several chunks per cell in the small cases
+    device = {device!r}
+    compared = 0
+    for point, x in cases():
+        x = x.to(device)
+        if x.dtype not in stats_kernel._FLOATS + stats_kernel._INTEGERS + stats_kernel._NO_MINMAX \\
+                or x.dim() == 0 or x.numel() == 0:
+            continue
+        for n in (None, 0, 1, x.shape[0] // 2):
+            cells = stats_kernel.cells(x, point)
+            assert all(k.startswith("cells:") for k in cells), sorted(cells)
+            got = device_stats.finish({{k: v.cpu() for k, v in cells.items()}}, n)
+            want = {{k: v.cpu() for k, v in device_stats.finish(device_stats._torch_partials(
+                x[:n].contiguous() if n is not None else x, point)).items()}}
+            assert sorted(got) == sorted(want), (point, x.dtype, n, sorted(got), sorted(want))
+            for key in want:
+                assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, (point, key)
+                assert torch.equal(bits(got[key]), bits(want[key])), (point, x.dtype, n, key, got[key], want[key])
+            compared += 1
+    print("compared", compared)
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_interpreted_kernel_equals_torchs_partials():
+    """Every case of test_device_stats (fp8 and float64 stay with torch), whole and cut to n rows."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", COMPARE.format(tests=str(HERE), device="cpu")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 40, done.stdout  # 13 cases, most of them at 4 row counts
+
+
+def test_without_triton_or_a_gpu_torch_computes_the_partials():
+    x = torch.randn(3, 4, 16)
+    assert not stats_kernel.usable(x, "q")  # a CPU tensor
+    assert all(not key.startswith("cells:") for key in device_stats.partials(x, "q"))
+
+
+@gpu
+def test_on_the_gpu_the_kernel_equals_torchs_partials():
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", COMPARE.format(tests=str(HERE), device="cuda")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 40, done.stdout
+
+
+@gpu
+def test_on_the_gpu_the_partials_are_one_kernel():
+    pytest.importorskip("triton")
+    x = torch.randn(4, 8, 576, device="cuda").bfloat16()
+    assert stats_kernel.usable(x, "q")
+    parts = device_stats.partials(x, "q")
+    assert sorted(parts) == ["cells:absmax", "cells:buckets", "cells:sumsq", "cells:zeros"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        device_stats.partials(x, "q")
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
+
+
+@gpu
+def test_inside_a_graph_the_kernel_replays_with_the_new_values():
+    """A graph that captured the kernel's partials of a static input gives, after each replay, the
+    parts of what the input holds then; a variant never compiled before falls back to torch."""
+    pytest.importorskip("triton")
+    static = torch.randn(5, 4, 64, device="cuda")
+    device_stats.partials(static, "partial_out")  # compiled outside the capture, as a warm-up forward does
+    fresh = torch.randn(5, 7, device="cuda").half()  # a variant (float16 row point) not compiled yet
+    stats_kernel._compiled.discard(stats_kernel._variant(fresh, stats_kernel._point_kind(fresh, "hidden")))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        inside = device_stats.partials(static, "partial_out")
+        fallback = device_stats.partials(fresh, "hidden")
+    assert all(key.startswith("cells:") for key in inside)
+    assert not any(key.startswith("cells:") for key in fallback)
+    for _ in range(2):
+        static.copy_(torch.randn(5, 4, 64, device="cuda"))
+        static[1, 2] = 0
+        static[3, 0, 5] = float("nan")
+        fresh.copy_(torch.randn(5, 7, device="cuda").half())
+        graph.replay()
+        torch.cuda.synchronize()
+        for parts, x, point in ((inside, static, "partial_out"), (fallback, fresh, "hidden")):
+            got = device_stats.finish({k: v.cpu() for k, v in parts.items()})
+            want = device_stats.finish(device_stats._torch_partials(x.cpu(), point))
+            assert sorted(got) == sorted(want)
+            for key in want:
+                assert torch.equal(got[key].cpu().view(-1).view(torch.uint8), want[key].view(-1).view(torch.uint8)), key
