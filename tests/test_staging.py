@@ -3,6 +3,7 @@ buffers shared by a to_host batch, both given back by `recycle` and bounded in b
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,24 @@ def test_a_batchs_pinned_buffer_returns_when_its_last_record_is_recycled(fake_pi
     assert len(stager.pinned) == 1 and records[1].tensors == {}
     again = stager.pinned_lease(5000, holders=1)
     assert again.buffer.data_ptr() == lease.buffer.data_ptr() and len(fake_pinned) == 1
+
+
+def test_stats_parts_are_attached_as_numpy_views_and_data_as_torch(fake_pinned):
+    """The writer reads small parts through numpy (cheap views); "data" keeps its torch dtype."""
+    stager = Stager()
+    lease = stager.pinned_lease(4096, holders=1)
+    lease.buffer[:4096] = torch.arange(4096) % 251
+    record = Staged({})
+    record.tensors, record.stream = {"data": torch.zeros(3, dtype=torch.bfloat16),
+                                     "cells:hash": torch.zeros(2, 1, 1, dtype=torch.int64),
+                                     "cells:absmax": torch.zeros(2, 1, 1, dtype=torch.bfloat16)}, "a stream"
+    staging.attach([record], lease)
+    data, digest, absmax = (record.tensors[k] for k in ("data", "cells:hash", "cells:absmax"))
+    assert isinstance(data, torch.Tensor) and data.dtype == torch.bfloat16
+    assert isinstance(digest, np.ndarray) and digest.shape == (2, 1, 1) and digest.dtype == np.int64
+    assert digest.ctypes.data == lease.buffer.data_ptr() + 16, "a view at its aligned offset, not a copy"
+    assert np.array_equal(digest.reshape(-1).view(np.uint8), lease.buffer[16:32].numpy())
+    assert isinstance(absmax, torch.Tensor) and absmax.dtype == torch.bfloat16, "no numpy bf16: torch"
 
 
 def test_the_pinned_bound_is_a_constructor_argument(fake_pinned):

@@ -98,6 +98,8 @@ def finish(tensors: dict, n: int | None = None) -> dict:
     per-row partials give the parts of rows < n (all rows when n is None). Other tensors pass through."""
     if any(key.startswith("cells:") for key in tensors):
         return _from_cells(tensors, n)
+    tensors = {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+               for key, value in tensors.items()}  # parts the writer attached as numpy views
     if any(key.startswith("rows:") for key in tensors):
         tensors = _first_rows(tensors, n)
     out = {}
@@ -144,27 +146,32 @@ def _first_rows(tensors: dict, n: int | None) -> dict:
 def _from_cells(tensors: dict, n: int | None) -> dict:
     """The parts of x[:n] from the fused kernel's partials per (row, group, chunk) (stats_kernel.py),
     reduced on the host with numpy: a few microseconds of the writer's time, not a kernel each."""
-    cells = {key[6:]: np.asarray(value.cpu()) for key, value in tensors.items() if key.startswith("cells:")}
+    cells = {key[6:]: value if isinstance(value, np.ndarray) else value.cpu().numpy()
+             for key, value in tensors.items() if key.startswith("cells:")}
     out = {key: value for key, value in tensors.items() if not key.startswith("cells:")}
     cut = {key: value[:n] for key, value in cells.items()}  # [n, G, C, ...]: the real rows
     kept = next(iter(cut.values())).shape[0]
     if "hash" in cut:
-        out["stats:hash"] = torch.from_numpy(cut["hash"].sum(dtype=np.int64).reshape(1))  # [1], wrapping
-    if kept == 0:
-        return out  # x[:n] is empty: only its hash (0) remains
+        out["stats:hash"] = cut["hash"].sum(dtype=np.int64).reshape(1)  # [1], wrapping
+    if kept == 0:  # x[:n] is empty: only its hash (0) remains
+        return _as_torch(out)
     if "buckets" in cut:  # -inf, finite, +inf, NaN -> (nan, posinf, neginf, absmax)
         counts = cut["buckets"].sum(axis=(0, 1, 2), dtype=np.int64)  # [4]
         absmax = float(cut["absmax"].max())
-        out["stats:scalars"] = torch.tensor([counts[3], counts[2], counts[0], absmax], dtype=torch.float64)  # [4]
+        out["stats:scalars"] = np.array([counts[3], counts[2], counts[0], absmax], dtype=np.float64)  # [4]
     if "min" in cut:  # integers: (0, 0, 0, max(-min, max)) in float64, as the host's Python ints
         low, high = float(cut["min"].min()), float(cut["max"].max())
-        out["stats:scalars"] = torch.tensor([0.0, 0.0, 0.0, max(-low, high)], dtype=torch.float64)  # [4]
+        out["stats:scalars"] = np.array([0.0, 0.0, 0.0, max(-low, high)], dtype=np.float64)  # [4]
     if "sumsq" in cut:
-        out["stats:norm"] = torch.from_numpy(np.sqrt(cut["sumsq"].sum(axis=2)).astype(np.float32))  # [n, H]
-        out["stats:zeros"] = torch.from_numpy(cut["zeros"].sum(axis=2, dtype=np.int32))  # [n, H]
+        out["stats:norm"] = np.sqrt(cut["sumsq"].sum(axis=2)).astype(np.float32)  # [n, H]
+        out["stats:zeros"] = cut["zeros"].sum(axis=2, dtype=np.int32)  # [n, H]
     if "valid" in cut:
-        out["stats:valid"] = torch.from_numpy(cut["valid"].sum(axis=(1, 2), dtype=np.int32))  # [n]
-    return out
+        out["stats:valid"] = cut["valid"].sum(axis=(1, 2), dtype=np.int32)  # [n]
+    return _as_torch(out)
+
+
+def _as_torch(parts: dict) -> dict:
+    return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for key, value in parts.items()}
 
 
 def _bounds(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

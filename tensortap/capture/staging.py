@@ -33,6 +33,8 @@ import collections
 import ctypes
 import threading
 
+import numpy as np
+
 import torch
 
 SNAPSHOT_POOL_BYTES = 256 << 20
@@ -244,7 +246,7 @@ class Stager:
                 lease.buffer[:packed.numel()].copy_(packed, non_blocking=True)  # [bytes]
                 for snap in snaps:
                     snap.record_stream(side)  # made on the caller's stream, read on this one
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(blocking=True)  # the writer sleeps in synchronize(), not spins
                 done.record(side)
             waits.append((done, records, lease))
         for done, records, lease in waits:
@@ -262,15 +264,27 @@ class Stager:
 
 def attach(records: list[Staged], lease: PinnedLease) -> None:
     """Each record's snapshots become views into the lease's buffer, where to_host packed them in order
-    (each starting ALIGN-aligned); every record holds a share of the lease."""
+    (each starting ALIGN-aligned); every record holds a share of the lease. "data" stays a torch
+    tensor (its dtype may be one numpy lacks); the small stats parts and "meta:" tensors become numpy
+    views, a fraction of a microsecond each where a torch view costs several of the writer's GIL."""
     offset = 0
+    flat = lease.buffer.numpy()  # [size] uint8, the same memory
     for r in records:
         host = {}
         for key, snap in r.tensors.items():
             n = snap.numel() * snap.element_size()
-            host[key] = lease.buffer[offset:offset + n].view(snap.dtype).view(snap.shape)  # [*shape]
+            as_numpy = _NUMPY.get(snap.dtype) if key != "data" else None
+            if as_numpy is not None:
+                host[key] = flat[offset:offset + n].view(as_numpy).reshape(snap.shape)  # [*shape]
+            else:
+                host[key] = lease.buffer[offset:offset + n].view(snap.dtype).view(snap.shape)  # [*shape]
             offset += n + (-n % ALIGN)
         r.tensors, r.stream, r.ready, r.lease = host, None, None, lease
+
+
+_NUMPY = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
+          torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
+          torch.float64: np.float64}
 
 
 def pinned_empty(nbytes: int) -> torch.Tensor:

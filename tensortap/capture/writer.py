@@ -26,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from tensortap.capture import frames
 from tensortap.capture.child import ChildError, ChildSink, SinkGone, child_sink_env  # noqa: F401  (re-exported)
 from tensortap.capture.staging import Staged, Stager
@@ -87,6 +89,8 @@ def host_arrays(job: Job) -> dict:
             job.meta["shape"] = list(tensor.shape)
         elif key.startswith("meta:"):
             job.meta[key[5:]] = tensor.tolist()
+        elif isinstance(tensor, np.ndarray):  # a stats part attached as a numpy view (staging.attach)
+            arrays[key] = np.ascontiguousarray(tensor)
         else:
             arrays[key] = tensor.contiguous().numpy()
     return arrays
