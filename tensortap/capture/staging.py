@@ -244,8 +244,7 @@ class Stager:
                 packed = torch.cat(pieces)  # [bytes], one kernel
                 lease = self.pinned_lease(packed.numel(), len(records))
                 lease.buffer[:packed.numel()].copy_(packed, non_blocking=True)  # [bytes]
-                for snap in snaps:
-                    snap.record_stream(side)  # made on the caller's stream, read on this one
+                # no record_stream per snapshot (several us each): `snaps` holds them until `done` below
                 done = torch.cuda.Event(blocking=True)  # the writer sleeps in synchronize(), not spins
                 done.record(side)
             waits.append((done, records, lease))
