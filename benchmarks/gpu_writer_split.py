@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -47,23 +49,14 @@ def timed_writer_batches() -> None:
     writer_module.Writer._write_batch = write_batch
 
 
-def timed_steps(runner: DecodeRunner, first: int, count: int) -> list[float]:
-    stream = torch.cuda.current_stream()
-    times = []
-    for step in range(first, first + count):
-        stream.synchronize()
-        start = time.perf_counter()
-        runner.step(step)
-        stream.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--per-round", type=int, default=8)
     args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_overhead import timed_steps  # the same timing: host time until the model's stream is done
+
     timed_writer_batches()
     steps = len(CONFIGS) * args.rounds * args.per_round + 8  # the configurations take turns on one step count
     base = dict(preset="glm5", ranks=1, dcp=1, dtype="bfloat16", spec_tokens=2, steps=steps)
