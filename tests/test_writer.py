@@ -482,6 +482,7 @@ def test_a_batch_waiting_for_ring_space_fails_once_the_writer_process_reported_a
     class OneJob:
         meta = {"point": "q", "dtype": "float32"}
         full = True
+        base_json = None
 
     array = np.zeros(1 << 20, np.float32)  # 4 MiB: the whole ring
     outcome = []

@@ -9,7 +9,6 @@ is committed, so that the writer thread can write them again itself if the proce
 from __future__ import annotations
 
 import collections
-import json
 import mmap
 import os
 import re
@@ -21,9 +20,8 @@ import time
 import numpy as np
 
 from tensortap.capture import frames
-from tensortap.text import as_json, one_line
-
-_json = json.JSONEncoder(separators=(",", ":"), allow_nan=True, default=as_json).encode
+from tensortap.capture.job import record_json
+from tensortap.text import one_line
 
 
 class SinkGone(OSError):
@@ -200,7 +198,7 @@ class ChildSink:
         self._batch_id += 1
         self._unacked.append((self._batch_id, jobs, arrays, totals))  # until it says the batch is committed
         self._check()
-        records = [(_json(job.meta).encode(), job.full, held) for job, held in zip(jobs, arrays)]
+        records = [(record_json(job).encode(), job.full, held) for job, held in zip(jobs, arrays)]
         if self._ring is not None:
             self._ring.begin(self._batch_id)
         try:

@@ -89,10 +89,14 @@ def point(name: str, tensor, **meta) -> None:
     if tap is None:
         return
     info = tap._names.get(name) if name.__class__ is str else None
-    if info is not None and info[2] is False:  # rejected by its name: one dict lookup
+    if info is None:
+        tap.record(name, tensor, meta)
+    elif info[2] is True:
+        tap.lean_record(info, name, tensor, meta)
+    elif info[2] is False:  # rejected by its name: one dict lookup
         tap.excluded += 1
-        return
-    tap.record(name, tensor, meta)
+    else:
+        tap.record(name, tensor, meta)  # a bad name: counted and said once there
 
 
 class _Scope:

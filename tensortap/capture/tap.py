@@ -33,7 +33,8 @@ from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.writer import Counters, Job, Writer, make_sink
+from tensortap.capture.job import RECORD_KEYS, Job, meta_json
+from tensortap.capture.writer import Counters, Writer, make_sink
 from tensortap.config import TapConfig
 from tensortap.format import schema
 from tensortap.format.codecs import dtype_name
@@ -42,6 +43,8 @@ log = logging.getLogger("tensortap")
 
 PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 MAX_NDIM = 8
+CLONE_NUMEL = 32768  # CPU tensors of fewer elements are snapshotted by clone(): below torch's parallel grain
+_TENSOR = torch.Tensor
 _FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
 _PER_CALL = _FORWARD | {"name", "point", "layer"}  # call metadata that makes the point's state its own
 _DROP = object()
@@ -52,7 +55,7 @@ field_problem = schema.field_problem
 class ScopeState:
     """What a scope computed once for every point inside it."""
 
-    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked", "validated", "base")
+    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked", "validated", "base", "lean", "base_json")
 
     def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool, checked: bool = True):
         self.meta = meta  # validated host metadata, merged over the enclosing scopes
@@ -62,6 +65,8 @@ class ScopeState:
         self.checked = checked  # False: a rejected scope whose other keys were not validated (nothing to record)
         self.validated: ScopeState | None = None  # of an unchecked scope: its validated state, made once
         self.base: dict | None = None  # meta with rank and world size: what its records start from (Tap._base)
+        self.lean = False  # its CPU points may take Tap.lean_record (kept, no tensor metadata, outside captures)
+        self.base_json: str | None = None  # `base` without writer.RECORD_KEYS as JSON (Tap.expand, writer side)
 
 
 _scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
@@ -93,6 +98,9 @@ class Tap:
                                                 self._warn_once) if config.trigger else None)
         self._device_stats = _from_parts_available()
         self._data_always = self.full or self.recorder is not None or not self._device_stats  # no device stats
+        self._lean_config = self.recorder is None and config.max_bytes is None  # Tap.lean_record may serve
+        self.lean_ready = False  # ... once the writer is running and while capture goes on (budget, failure)
+        self._call_valid: set = set()  # (key, type, value) of point metadata valid and not in _PER_CALL
 
     # -- per scope ------------------------------------------------------------------------------------
     def enter(self, raw: dict, parent: ScopeState | None, validate_all: bool = False) -> ScopeState:
@@ -139,7 +147,11 @@ class Tap:
                     tensors["meta:" + key] = value.detach().clone()  # once per scope; in a graph: a slot
                 else:
                     self._set_checked(meta, key, value.tolist())
-        return ScopeState(meta, tensors, rank, world, keeps)
+        state = ScopeState(meta, tensors, rank, world, keeps)
+        if keeps and self._lean_config and not capturing and not tensors:
+            state.lean = True
+            self._base(state)  # what its lean records start from (the writer side copies it)
+        return state
 
     def validated(self, state: ScopeState) -> ScopeState:
         """A rejected scope's state with all of its metadata validated (tensors snapshotted), for a point
@@ -208,6 +220,63 @@ class Tap:
         return (layer, point, self.filter.keeps_point(point, layer))
 
     # -- per call -------------------------------------------------------------------------------------
+    def lean_record(self, info: tuple, name: str, tensor, meta: dict) -> None:
+        """A point whose name is kept (`info` from the name cache), called by runtime.point: a CPU tensor
+        in a lean scope (ScopeState.lean) whose point metadata are scalars seen valid before costs its
+        snapshot and one tuple; the writer side makes the record's metadata from it (`expand`). Every
+        other call takes `record`."""
+        try:
+            state = _scope.get()
+            if state is None or not state.lean or not self.lean_ready or tensor.__class__ is not _TENSOR \
+                    or not tensor.is_cpu or tensor.requires_grad or self.graphs.active:
+                return self._record(name, tensor, meta)
+            if meta:
+                valid = self._call_valid
+                for key, value in meta.items():
+                    if (key, value.__class__, value) not in valid:
+                        return self._record(name, tensor, meta)
+            # a small tensor: torch's clone (one malloc from the heap, no intra-op threads); a large one into
+            # a pooled buffer (no page faults; see Stager.host_copy)
+            snap = tensor.clone() if tensor.numel() < CLONE_NUMEL else self.stager.host_copy(tensor)
+            pending = self._local.__dict__.get("jobs")
+            if pending is None:
+                pending = self._local.jobs = []
+            pending.append((state, info, name, meta, snap, next(self._seq), time.time_ns(), self.counters.dropped))
+            if len(pending) >= PENDING_JOBS:
+                self.submit_pending()
+        except Exception as exc:  # never into the model's forward
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
+                            type(exc).__name__, exc)
+
+    def expand(self, lean: tuple) -> Job | None:
+        """Writer side: the Job of a lean record (`lean_record`), or None (counted as an error) for a tensor
+        the format cannot store."""
+        state, (layer, point, _), name, call, snap, seq, time_ns, dropped = lean
+        try:
+            if snap.dim() > MAX_NDIM:
+                raise ValueError(f"{name}: {snap.dim()} dimensions, at most {MAX_NDIM} are stored")
+            if snap.dtype not in _DTYPE_NAMES:
+                _dtype(snap)
+        except Exception as exc:
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
+                            type(exc).__name__, exc)
+            return None
+        base = state.base
+        meta = dict(base)
+        meta["name"], meta["point"], meta["layer"] = name, point, layer
+        if call:
+            meta.update(call)
+        meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, time_ns, dropped
+        pooled = (snap,) if snap.numel() >= CLONE_NUMEL else ()
+        base_json = state.base_json
+        if base_json is None:  # once per scope, on the writer's side
+            base_json = state.base_json = meta_json({k: v for k, v in base.items() if k not in RECORD_KEYS})
+        if call and not call.keys().isdisjoint(base):
+            base_json = None  # the point overrides its scope's key: its whole metadata is encoded
+        return Job(meta, Staged({"data": snap}, None, pooled), self.full, base_json, tuple(call) if call else ())
+
     def record(self, name: str, tensor, meta: dict) -> None:
         try:
             self._record(name, tensor, meta)
@@ -280,6 +349,8 @@ class Tap:
             kind = value.__class__
             if kind in _SCALARS and (key, kind, value) in valid and not (tensors and "meta:" + key in tensors):
                 meta[key] = value  # the common case: a value the schema accepted before
+                if key not in _PER_CALL and len(self._call_valid) < 65536:
+                    self._call_valid.add((key, kind, value))  # lean_record takes it from now on
                 continue
             if isinstance(value, torch.Tensor):
                 if tensors is scope_tensors:
@@ -298,6 +369,9 @@ class Tap:
                 meta.pop(key, None)
             else:
                 meta[key] = value
+                if kind in _SCALARS and value.__class__ is kind and key not in _PER_CALL \
+                        and len(self._call_valid) < 65536:
+                    self._call_valid.add((key, kind, value))  # lean_record takes it from now on
         return tensors
 
     def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
@@ -412,7 +486,7 @@ class Tap:
             self._submit_now(pending)
 
     def _submit_now(self, jobs: list) -> None:
-        Stager.mark_ready([job.staged for job in jobs])
+        Stager.mark_ready([job.staged for job in jobs if job.__class__ is not tuple])  # lean records: CPU
         self.writer.submit(jobs)
 
     def _end_scope(self) -> None:
@@ -463,8 +537,14 @@ class Tap:
                     identity = run_identity(rank, world_size)
                     identity["config"] = self.config.to_json_dict()
                     self.writer = Writer(functools.partial(make_sink, self.config, rank, identity), self.stager,
-                                         self.config.queue_bytes, self.config.on_full, self.counters)
+                                         self.config.queue_bytes, self.config.on_full, self.counters, self.expand,
+                                         self._stop_lean)
+                    self.lean_ready = self._lean_config
         return self.writer
+
+    def _stop_lean(self) -> None:
+        """The writer failed: every point takes `record` again (which counts them lost)."""
+        self.lean_ready = False
 
     def _warn_once(self, key: str, message: str, *args) -> None:
         if key not in self._warned:

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensortap.capture import frames
+from tensortap.capture.job import Job, record_json
 from tensortap.capture.child import ChildError, ChildSink, SinkGone, child_sink_env  # noqa: F401  (re-exported)
-from tensortap.capture.staging import Staged, Stager
+from tensortap.capture.staging import Stager
 from tensortap.format.codecs import encode
 from tensortap.text import one_line
 
@@ -40,13 +41,6 @@ MERGE_BYTES = 64 << 20  # batches queued behind each other are merged into one c
 MERGE_JOBS = 64  # and records: a commit's dirty metadata stays well inside the metadata cache
 
 
-@dataclass
-class Job:
-    """A record on its way to disk."""
-
-    meta: dict  # metadata (seq, point, ...); tensor values travel in `staged` as "meta:<key>"
-    staged: Staged  # "data" (the snapshot) or the device's "stats:*" parts, and "meta:*"
-    full: bool  # the tensor is stored, not only its stats
 
 
 @dataclass
@@ -122,7 +116,7 @@ class LocalSink:
 
     def write_batch(self, jobs: list, arrays: list, totals: dict) -> None:
         for job, held in zip(jobs, arrays):
-            self.recorder.write(job.meta, None, held, job.full)
+            self.recorder.write(job.meta, record_json(job) if job.base_json is not None else None, held, job.full)
         self.recorder.commit(totals)
         self.recycle([job.staged for job in jobs])  # committed: its memory is not needed any more
 
@@ -155,8 +149,11 @@ def make_sink(config, rank: int, identity: dict):
 class Writer:
     """Owns the bounded queue and the thread that drains it into a sink."""
 
-    def __init__(self, make_sink, stager: Stager, queue_bytes: int, on_full: str, counters: Counters):
+    def __init__(self, make_sink, stager: Stager, queue_bytes: int, on_full: str, counters: Counters,
+                 expand=None, on_failure=None):
         self.stager = stager
+        self.expand = expand  # a lean record (a tuple, Tap.lean_record) -> its Job or None, on this thread
+        self.on_failure = on_failure  # called once when capture stops
         self.queue_bytes = queue_bytes
         self.block = on_full == "block"
         self.counters = counters
@@ -170,13 +167,19 @@ class Writer:
         self._thread.start()
 
     # -- caller side -------------------------------------------------------------------------------------
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs as one batch (one wake-up, one copy to the host); with on_full=drop, what does not
-        fit is dropped and counted."""
+    def submit(self, jobs: list) -> None:
+        """Queue jobs (Jobs, or the tuples of lean records) as one batch (one wake-up, one copy to the
+        host); with on_full=drop, what does not fit is dropped and counted."""
+        sizes = [job[4].nbytes if job.__class__ is tuple else job.staged.nbytes for job in jobs]
+        total = sum(sizes)
         with self._cond:
+            if self.failed is None and (not self._queue or self._queued_bytes + total <= self.queue_bytes):
+                self._queue.append(_Batch(jobs, total))  # the common case: it all fits
+                self._queued_bytes += total
+                self._cond.notify_all()
+                return
             batch, size = [], 0
-            for job in jobs:
-                need = job.staged.nbytes
+            for job, need in zip(jobs, sizes):
                 while (self._queue or batch) and self._queued_bytes + size + need > self.queue_bytes \
                         and self.failed is None and self.block:
                     if batch:  # let the writer start on what is ready
@@ -245,7 +248,9 @@ class Writer:
                 continue
             self._write_batch(jobs)
 
-    def _write_batch(self, jobs: list[Job]) -> None:
+    def _write_batch(self, jobs: list) -> None:
+        if self.expand is not None:
+            jobs = [job for job in (self.expand(j) if j.__class__ is tuple else j for j in jobs) if job is not None]
         try:
             self.stager.to_host([job.staged for job in jobs])
             arrays = [host_arrays(job) for job in jobs]
@@ -304,6 +309,8 @@ class Writer:
         """Stop capture; `lost_now` records in hand are lost with it, and everything queued."""
         persisted = getattr(self.sink, "persisted", None)
         persisted_bytes = getattr(self.sink, "persisted_bytes", None)
+        if self.on_failure is not None:
+            self.on_failure()
         with self._cond:
             self.failed = exc
             if persisted is not None and persisted < self.counters.records:  # sent, but not written
