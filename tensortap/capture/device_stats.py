@@ -96,6 +96,12 @@ def _torch_partials(tensor: torch.Tensor, point: str, rows: bool = False) -> dic
 def finish(tensors: dict, n: int | None = None) -> dict:
     """A record's tensors with its partials turned into the parts (module docstring), on their device;
     per-row partials give the parts of rows < n (all rows when n is None). Other tensors pass through."""
+    return _as_torch(finish_on_host(tensors, n))
+
+
+def finish_on_host(tensors: dict, n: int | None = None) -> dict:
+    """`finish` as the writer runs it on the host (a record's `on_host`): the fused kernel's cells are
+    reduced with numpy and stay numpy arrays, which the writer sends as they are."""
     if any(key.startswith("cells:") for key in tensors):
         return _from_cells(tensors, n)
     tensors = {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
@@ -154,7 +160,7 @@ def _from_cells(tensors: dict, n: int | None) -> dict:
     if "hash" in cut:
         out["stats:hash"] = cut["hash"].sum(dtype=np.int64).reshape(1)  # [1], wrapping
     if kept == 0:  # x[:n] is empty: only its hash (0) remains
-        return _as_torch(out)
+        return out
     if "buckets" in cut:  # -inf, finite, +inf, NaN -> (nan, posinf, neginf, absmax)
         counts = cut["buckets"].sum(axis=(0, 1, 2), dtype=np.int64)  # [4]
         absmax = float(cut["absmax"].max())
@@ -167,7 +173,7 @@ def _from_cells(tensors: dict, n: int | None) -> dict:
         out["stats:zeros"] = cut["zeros"].sum(axis=2, dtype=np.int32)  # [n, H]
     if "valid" in cut:
         out["stats:valid"] = cut["valid"].sum(axis=(1, 2), dtype=np.int32)  # [n]
-    return _as_torch(out)
+    return out
 
 
 def _as_torch(parts: dict) -> dict:

@@ -76,12 +76,18 @@ def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, d
         head += meta_json
         length += _RECORD.size + len(meta_json)
         for name, array in arrays.items():
-            name_b, dtype_b = name.encode(), array.dtype.str.encode()
             at = ring.put(array) if ring is not None and array.nbytes >= RING_MIN else None
-            head += _ARRAY.pack(len(name_b), len(dtype_b), array.ndim, 0 if at is None else 1, at or 0)
-            head += name_b + dtype_b
-            head += struct.pack(f"<{array.ndim}q", *array.shape)
-            length += _ARRAY.size + len(name_b) + len(dtype_b) + 8 * array.ndim
+            if at is None:
+                key = (name, array.dtype, array.shape)
+                header = _HEADERS.get(key)
+                if header is None:
+                    header = _array_header(name, array, None)
+                    if len(_HEADERS) < 4096:
+                        _HEADERS[key] = header
+            else:
+                header = _array_header(name, array, at)
+            head += header
+            length += len(header)
             head += _PAD[: _pad(length)]
             length += _pad(length)
             if at is not None:
@@ -99,6 +105,16 @@ def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, d
     if head:
         pieces.append(bytes(head))
     return [_FRAME.pack(BATCH, len(records), length)] + pieces
+
+
+_HEADERS: dict = {}  # (name, dtype, shape) -> the header of an array sent inline: the same for every record
+
+
+def _array_header(name: str, array: np.ndarray, at: int | None) -> bytes:
+    """An array's header up to its padding: sizes, ring flag and offset, name, dtype, shape."""
+    name_b, dtype_b = name.encode(), array.dtype.str.encode()
+    return (_ARRAY.pack(len(name_b), len(dtype_b), array.ndim, 0 if at is None else 1, at or 0) + name_b + dtype_b
+            + struct.pack(f"<{array.ndim}q", *array.shape))
 
 
 # -- writer-process side ------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ class Registry:
                 meta["shape"] = [rows] + list(meta["shape"][1:])  # [num_tokens, ...]
                 if "data" in tensors:
                     tensors["data"] = tensors["data"][:rows]  # [num_tokens, ...]: a view
-            on_host = None if "data" in tensors else functools.partial(device_stats.finish, n=rows)
+            on_host = None if "data" in tensors else functools.partial(device_stats.finish_on_host, n=rows)
             for key, value in scope_tensors.items():
                 tensors.setdefault(key, value)
             yield meta, tensors, signal, on_host

@@ -412,7 +412,7 @@ class Tap:
             staged = self.stager.stage({"data": tensor})
         else:
             staged = Staged(device_stats.partials(tensor, point), torch.cuda.current_stream(tensor.device))
-            staged.on_host = device_stats.finish  # the parts, assembled by the writer on the host
+            staged.on_host = device_stats.finish_on_host  # the parts, assembled by the writer on the host
             meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
         if extra:
             staged.add(extra)
