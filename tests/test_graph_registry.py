@@ -260,3 +260,75 @@ def test_a_trigger_in_a_graph_watches_the_real_rows_only(tap_dir, hooked):
     assert {f["trigger"] for f in fired} == {"nonfinite"}
     assert sorted(f["step"] for f in fired) == [4, 5, 6, 7], "padding NaN (steps 0-3) fired nothing"
     assert min(r.step for r in d if r.point != "trigger") == 3, "of the padding-only steps, only the ring's"
+
+
+def replay_sequence(directory, mode, per_replay, monkeypatch):
+    """Capture a target and a draft point, then replay: step 5 (its draft filtered out), step 6 (trimmed
+    to 3 rows), a replay with no step, step 7 with every row. Returns the dump."""
+    from tensortap.capture import device_stats
+
+    tensortap.configure(dir=directory, mode=mode, steps="5-7", roles="target" if mode == "full" else None)
+    if not per_replay:
+        runtime._tap._lean_config = False  # every replay's records made on the model's thread
+    with tensortap.scope(step=5, role="target"):  # the writer starts: later replays may be handed over whole
+        tensortap.point("layers.3.attn.lse", torch.ones(2, 2))
+    if mode == "stats":
+        monkeypatch.setattr(runtime._tap, "_keeps_data", lambda tensor: False)  # the device path, on the CPU
+    g = FakeGraph()
+    g.capture_begin()
+    with tensortap.scope(step=-1, phase="capture"):
+        with tensortap.scope(role="target"):
+            tensortap.point("layers.3.attn.merged_out", torch.zeros(5, 2, 4), head_offset=2)  # [T, H, D]
+        with tensortap.scope(role="draft", spec_pos=0):
+            tensortap.point("layers.3.attn.topk", torch.zeros(5, 6, dtype=torch.int32))  # [T, K]
+    g.capture_end()
+    slots = {slot.point: slot.buffers for slot in runtime._tap.graphs._graphs[id(g)].slots}
+    for step, tokens in ((5, None), (6, 3), (None, None), (7, None)):
+        merged = torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(step or 0))  # [T, H, D]
+        merged[4] = float("nan")
+        topk = torch.arange(30, dtype=torch.int32).view(5, 6) - 10  # [T, K]
+
+        def kernels(merged=merged, topk=topk):
+            for point, x in (("merged_out", merged), ("topk", topk)):
+                if "data" in slots[point]:
+                    slots[point]["data"].copy_(x)
+                else:
+                    for key, value in device_stats.partials(x, point, rows=True).items():
+                        slots[point][key].copy_(value)
+
+        g.kernels = kernels
+        scope = {k: v for k, v in (("step", step), ("num_tokens", tokens)) if v is not None}
+        with tensortap.scope(**scope, req_ids=[1, 2, 3]):
+            g.replay()
+    tensortap.close()
+    return tensortap.open(directory, phases="all")
+
+
+@pytest.mark.parametrize("mode", ["full", "stats"])
+def test_a_replay_handed_over_whole_writes_the_records_made_one_by_one(tmp_path, hooked, mode, monkeypatch):
+    from tensortap.capture.tap import Tap
+    from tensortap.format import schema
+
+    splits = []
+    original = Tap.split_replay
+    monkeypatch.setattr(Tap, "split_replay", lambda self, job: splits.append(1) or original(self, job))
+    whole = replay_sequence(str(tmp_path / "whole"), mode, True, monkeypatch)
+    assert len(splits) >= 3, "the replays took the hand-over of whole replays"
+    count = len(splits)
+    one_by_one = replay_sequence(str(tmp_path / "each"), mode, False, monkeypatch)
+    assert len(splits) == count
+    skip = set(schema.LOCATION_FIELDS) | {"time_ns"}
+    a = sorted(whole, key=lambda r: r.meta["seq"])
+    b = sorted(one_by_one, key=lambda r: r.meta["seq"])
+    assert [(r.point, r.step, r.role) for r in a] == [(r.point, r.step, r.role) for r in b]
+    assert {(r.point, r.step) for r in a if r.point != "lse"} >= {("merged_out", 5), ("merged_out", 6), ("merged_out", 7)}
+    if mode == "full":
+        assert not any(r.role == "draft" for r in a), "the filter drops the draft slot at each replay"
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.meta.items() if k not in skip} == {k: v for k, v in y.meta.items() if k not in skip}
+        if x.stored:
+            assert x.tensor().numpy().tobytes() == y.tensor().numpy().tobytes()
+        elif x.stats_array() is not None:
+            assert x.stats_array().tobytes() == y.stats_array().tobytes()
+    trimmed = next(r for r in a if r.point == "merged_out" and r.step == 6)
+    assert trimmed.meta["shape"] == [3, 2, 4] and trimmed.meta["num_tokens"] == 3

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensortap.capture import device_stats, trigger
+from tensortap.capture.staging import NUMPY_DTYPES
 
 ALIGN = 16  # bytes: each buffer starts aligned in the drained copy, so views of any dtype work
 UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
@@ -132,9 +133,10 @@ class Registry:
             if stream != entry.stream:
                 stream.wait_event(entry.drained)
 
-    def drain(self, graph) -> list[tuple[Slot, dict]] | None:
-        """After a replay: one batched copy of every slot on the replay's stream; per slot its tensors
-        (views into that copy). None when the graph has no slots."""
+    def pack(self, graph) -> tuple[GraphSlots, torch.Tensor] | None:
+        """After a replay: one batched copy of every slot on the replay's stream, ordered (an event)
+        before the next replay overwrites them; (the graph's slots, the copy uint8 [total]). None when
+        the graph has no slots."""
         entry = self._graphs.get(id(graph))
         if entry is None or not entry.views:
             return None
@@ -143,15 +145,28 @@ class Registry:
             entry.stream = torch.cuda.current_stream(packed.device)
             entry.drained = torch.cuda.Event()
             entry.drained.record(entry.stream)
+        return entry, packed
+
+    def drain(self, graph) -> list[tuple[Slot, dict]] | None:
+        """`pack`, then per slot its tensors (views into the copy). None when the graph has no slots."""
+        packed = self.pack(graph)
+        if packed is None:
+            return None
+        entry, flat = packed
         out = []
         for slot in entry.slots:
             tensors = {}
             for key, buf in slot.buffers.items():
                 start = slot.offsets[key]
                 n = buf.numel() * buf.element_size()
-                tensors[key] = packed[start:start + n].view(buf.dtype).view(buf.shape)  # [*shape]
+                tensors[key] = flat[start:start + n].view(buf.dtype).view(buf.shape)  # [*shape]
             out.append((slot, tensors))
         return out
+
+    @staticmethod
+    def stamp(entry: GraphSlots, scope_meta: dict) -> dict:
+        """What the host scope at a replay gives every record of it (see `records`)."""
+        return {"phase": "run" if "step" in scope_meta else "capture", **scope_meta, "graph": entry.index}
 
     def records(self, graph, stamp: dict, scope_tensors: dict):
         """After a replay: (metadata, tensors, trigger signal or None, on_host or None) per slot, drained
@@ -167,24 +182,8 @@ class Registry:
         drained = self.drain(graph)
         if not drained:
             return
-        stamp = {"phase": "run" if "step" in stamp else "capture", **stamp, "graph": self.index_of(graph)}
-        tokens = stamp.get("num_tokens")
-        for slot, tensors in drained:
-            meta = {**slot.meta, **stamp}
-            signal = tensors.pop("signal", None)
-            signal = signal[0] if signal is not None else None  # []
-            rows = real_rows(slot.point, meta.get("shape"), tokens)
-            pieces = tensors.pop("signal:rows", None)
-            if pieces is not None:  # the trigger sees the real rows only, as the stats do
-                signal = trigger.reduce_rows(pieces, rows)  # []
-            if rows is not None:
-                meta["shape"] = [rows] + list(meta["shape"][1:])  # [num_tokens, ...]
-                if "data" in tensors:
-                    tensors["data"] = tensors["data"][:rows]  # [num_tokens, ...]: a view
-            on_host = None if "data" in tensors else functools.partial(device_stats.finish_on_host, n=rows)
-            for key, value in scope_tensors.items():
-                tensors.setdefault(key, value)
-            yield meta, tensors, signal, on_host
+        entry = self._graphs[id(graph)]
+        yield from slot_records(drained, self.stamp(entry, stamp), scope_tensors)
 
     def index_of(self, graph) -> int | None:
         entry = self._graphs.get(id(graph))
@@ -194,6 +193,47 @@ class Registry:
         entry = self._graphs.pop(key, None)
         if entry is not None:
             self.bytes -= entry.nbytes
+
+
+def slot_records(drained: list, stamp: dict, scope_tensors: dict):
+    """(metadata, tensors, trigger signal or None, on_host or None) of each drained (slot, tensors):
+    the slot's metadata under `stamp`, its rows trimmed to the replay's num_tokens (Registry.records)."""
+    tokens = stamp.get("num_tokens")
+    for slot, tensors in drained:
+        meta = {**slot.meta, **stamp}
+        signal = tensors.pop("signal", None)
+        signal = signal[0] if signal is not None else None  # []
+        rows = real_rows(slot.point, meta.get("shape"), tokens)
+        pieces = tensors.pop("signal:rows", None)
+        if pieces is not None:  # the trigger sees the real rows only, as the stats do
+            signal = trigger.reduce_rows(pieces, rows)  # []
+        if rows is not None:
+            meta["shape"] = [rows] + list(meta["shape"][1:])  # [num_tokens, ...]
+            if "data" in tensors:
+                tensors["data"] = tensors["data"][:rows]  # [num_tokens, ...]: a view
+        on_host = None if "data" in tensors else functools.partial(device_stats.finish_on_host, n=rows)
+        for key, value in scope_tensors.items():
+            tensors.setdefault(key, value)
+        yield meta, tensors, signal, on_host
+
+
+def host_slots(entry: GraphSlots, slots: list, packed: torch.Tensor, flat) -> list[tuple[Slot, dict]]:
+    """`slots` of `entry` with their tensors as views of the drained copy on the host: `packed` (uint8
+    [total], pinned) and `flat`, the same memory as numpy. "data" stays a torch tensor (its dtype may be
+    one numpy lacks); the small stats parts and "meta:" snapshots are numpy views (staging.attach)."""
+    out = []
+    for slot in slots:
+        tensors = {}
+        for key, buf in slot.buffers.items():
+            start = slot.offsets[key]
+            n = buf.numel() * buf.element_size()
+            as_numpy = NUMPY_DTYPES.get(buf.dtype) if key != "data" else None
+            if as_numpy is not None:
+                tensors[key] = flat[start:start + n].view(as_numpy).reshape(buf.shape)  # [*shape]
+            else:
+                tensors[key] = packed[start:start + n].view(buf.dtype).view(buf.shape)  # [*shape]
+        out.append((slot, tensors))
+    return out
 
 
 def by_rows(point: str, tensor: torch.Tensor) -> bool:

@@ -23,9 +23,10 @@ meta_json = json.JSONEncoder(separators=(",", ":"), allow_nan=True, default=as_j
 class Job:
     """A record on its way to disk."""
 
-    __slots__ = ("meta", "staged", "full", "base_json", "own")
+    __slots__ = ("meta", "staged", "full", "base_json", "own", "replay")
 
-    def __init__(self, meta: dict, staged: Staged, full: bool, base_json: str | None = None, own: tuple = ()):
+    def __init__(self, meta: dict, staged: Staged, full: bool, base_json: str | None = None, own: tuple = (),
+                 replay: "Replay | None" = None):
         self.meta = meta  # metadata (seq, point, ...); tensor values travel in `staged` as "meta:<key>"
         self.staged = staged  # "data" (the snapshot) or the device's "stats:*" parts, and "meta:*"
         self.full = full  # the tensor is stored, not only its stats
@@ -33,6 +34,37 @@ class Job:
         # point's own keys): its JSON is that and the record's own keys (record_json)
         self.base_json = base_json
         self.own = own
+        self.replay = replay  # a carrier: the drained copy of one graph replay, split into its records on the host
+
+
+class Replay:
+    """The records of one CUDA-graph replay as the model's thread hands them over (Tap.after_replay): the
+    graph's slots drained in one copy, the slots kept with their seq, and what the host scope at the
+    replay stamps on each. The writer side makes the records from it once the copy is on the host."""
+
+    __slots__ = ("entry", "kept", "stamp", "scope_tensors", "time_ns", "dropped", "packed", "ready", "stream",
+                 "nbytes", "records")
+
+    def __init__(self, entry, kept: list, stamp: dict, scope_tensors: dict, time_ns: int, dropped: int, packed,
+                 ready, stream):
+        self.entry = entry  # graphs.GraphSlots
+        self.kept = kept  # [(slot, seq)] of the slots the filter keeps, in order
+        self.stamp = stamp  # the replay's scope metadata, phase and graph (Registry.stamp)
+        self.scope_tensors = scope_tensors  # "meta:<key>" -> device snapshot given to the replay's scope
+        self.time_ns, self.dropped = time_ns, dropped
+        self.packed = packed  # uint8 [total] on the device: every slot's buffers (Registry.pack)
+        self.ready, self.stream = ready, stream  # the event after that copy, and its stream
+        self.nbytes = packed.nbytes + sum(t.nbytes for t in scope_tensors.values())
+        self.records = len(kept)
+
+
+def record_count(jobs: list) -> int:
+    """How many records `jobs` hold: a Replay (or the Job carrying one) holds one per slot it keeps."""
+    count = 0
+    for job in jobs:
+        replay = job if job.__class__ is Replay else getattr(job, "replay", None)
+        count += replay.records if replay is not None else 1
+    return count
 
 
 def record_json(job: Job) -> str:

@@ -272,7 +272,7 @@ def attach(records: list[Staged], lease: PinnedLease) -> None:
         host = {}
         for key, snap in r.tensors.items():
             n = snap.numel() * snap.element_size()
-            as_numpy = _NUMPY.get(snap.dtype) if key != "data" else None
+            as_numpy = NUMPY_DTYPES.get(snap.dtype) if key != "data" else None
             if as_numpy is not None:
                 host[key] = flat[offset:offset + n].view(as_numpy).reshape(snap.shape)  # [*shape]
             else:
@@ -281,7 +281,7 @@ def attach(records: list[Staged], lease: PinnedLease) -> None:
         r.tensors, r.stream, r.ready, r.lease = host, None, None, lease
 
 
-_NUMPY = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
+NUMPY_DTYPES = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
           torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
           torch.float64: np.float64}
 

@@ -33,7 +33,7 @@ from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.job import RECORD_KEYS, Job, meta_json
+from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json
 from tensortap.capture.writer import Counters, Writer, make_sink
 from tensortap.config import TapConfig
 from tensortap.format import schema
@@ -249,9 +249,13 @@ class Tap:
             self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
                             type(exc).__name__, exc)
 
-    def expand(self, lean: tuple) -> Job | None:
+    def expand(self, lean) -> Job | None:
         """Writer side: the Job of a lean record (`lean_record`), or None (counted as an error) for a tensor
-        the format cannot store."""
+        the format cannot store; of a Replay, the Job that carries its drained copy to the host."""
+        if lean.__class__ is Replay:
+            staged = Staged({"packed": lean.packed, **lean.scope_tensors}, lean.stream)
+            staged.ready = lean.ready
+            return Job(None, staged, self.full, replay=lean)
         state, (layer, point, _), name, call, snap, seq, time_ns, dropped = lean
         try:
             if snap.dim() > MAX_NDIM:
@@ -462,8 +466,15 @@ class Tap:
         self.graphs.add(entry, name, point, meta, buffers)
 
     def after_replay(self, graph) -> None:
-        """After a replay: the graph's slots, drained in one copy, become records stamped with the scope."""
+        """After a replay: the graph's slots, drained in one copy, become records stamped with the scope:
+        on the writer side (one Replay handed over: `split_replay`), or here where the flight recorder or
+        max_bytes needs each record now."""
         state = _scope.get() or self.root()
+        if self.lean_ready:
+            self._hand_over_replay(graph, state)
+            if _scope.get() is None:
+                self.submit_pending()
+            return
         for meta, tensors, signal, on_host in self.graphs.records(graph, state.meta, state.tensors):
             if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
                 self.excluded += 1
@@ -477,6 +488,60 @@ class Tap:
             self.submit_pending()
             self._end_scope()
 
+    def _hand_over_replay(self, graph, state: ScopeState) -> None:
+        """The model's thread per replay: one copy of the slots, the filter per slot, one Replay queued."""
+        packed = self.graphs.pack(graph)
+        if packed is None:
+            return
+        entry, flat = packed
+        stamp = graphs.Registry.stamp(entry, state.meta)
+        kept, verdicts = [], {}
+        for slot in entry.slots:
+            meta = slot.meta
+            key = tuple(stamp[k] if k in stamp else meta.get(k) for k in ("step", "rank", "role"))
+            keeps = verdicts.get(key)
+            if keeps is None:
+                keeps = verdicts[key] = self.filter.keeps_forward(*key)
+            if keeps:
+                kept.append((slot, next(self._seq)))
+            else:
+                self.excluded += 1
+        if not kept:
+            return
+        scope_tensors = _on_device(state.tensors, flat.device) if state.tensors else {}
+        stream = entry.stream if flat.is_cuda else None
+        replay = Replay(entry, kept, stamp, scope_tensors, time.time_ns(), self.counters.dropped, flat,
+                        entry.drained if flat.is_cuda else None, stream)
+        pending = self._local.__dict__.get("jobs")
+        if pending is None:
+            pending = self._local.jobs = []
+        pending.append(replay)
+        if len(pending) >= PENDING_JOBS:
+            self.submit_pending()
+
+    def split_replay(self, carrier: Job) -> list[Job]:
+        """Writer side, once a replay's copy is on the host: its records, views into that copy (they
+        share its pinned lease), stamped and trimmed as `graphs.slot_records` says, stats finished."""
+        replay, staged = carrier.replay, carrier.staged
+        host = dict(staged.tensors)
+        flat = host.pop("packed")  # uint8 [total], numpy: the same memory as the lease
+        packed = torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat  # uint8 [total]
+        flat = flat if isinstance(flat, np.ndarray) else flat.numpy()
+        drained = graphs.host_slots(replay.entry, [slot for slot, _ in replay.kept], packed, flat)
+        jobs = []
+        for (meta, tensors, _, on_host), (_, seq) in zip(graphs.slot_records(drained, replay.stamp, host),
+                                                        replay.kept):
+            meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, replay.time_ns, replay.dropped
+            if on_host is not None:
+                tensors = on_host(tensors)
+            record = Staged(tensors)
+            record.lease = staged.lease
+            jobs.append(Job(meta, record, self.full and "data" in tensors))
+        if staged.lease is not None:
+            staged.lease.holders += len(jobs) - 1  # the carrier's share goes to its records
+        staged.tensors, staged.lease = {}, None
+        return jobs
+
     # -- hand-over ------------------------------------------------------------------------------------
     def submit_pending(self) -> None:
         """Hand this thread's jobs to the writer (at scope exit, at flush, or when enough are waiting)."""
@@ -486,7 +551,7 @@ class Tap:
             self._submit_now(pending)
 
     def _submit_now(self, jobs: list) -> None:
-        Stager.mark_ready([job.staged for job in jobs if job.__class__ is not tuple])  # lean records: CPU
+        Stager.mark_ready([job.staged for job in jobs if job.__class__ is Job])  # lean (CPU), Replay (has one)
         self.writer.submit(jobs)
 
     def _end_scope(self) -> None:
@@ -538,7 +603,7 @@ class Tap:
                     identity["config"] = self.config.to_json_dict()
                     self.writer = Writer(functools.partial(make_sink, self.config, rank, identity), self.stager,
                                          self.config.queue_bytes, self.config.on_full, self.counters, self.expand,
-                                         self._stop_lean)
+                                         self._stop_lean, self.split_replay)
                     self.lean_ready = self._lean_config
         return self.writer
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensortap.capture import frames
-from tensortap.capture.job import Job, record_json
+from tensortap.capture.job import Job, record_count, record_json
 from tensortap.capture.child import ChildError, ChildSink, SinkGone, child_sink_env  # noqa: F401  (re-exported)
 from tensortap.capture.staging import Stager
 from tensortap.format.codecs import encode
@@ -88,6 +88,15 @@ def host_arrays(job: Job) -> dict:
         else:
             arrays[key] = tensor.contiguous().numpy()
     return arrays
+
+
+def _nbytes(job) -> int:
+    """Bytes a job holds as handed over: a Job, a lean record's tuple (its snapshot) or a Replay."""
+    if job.__class__ is Job:
+        return job.staged.nbytes
+    if job.__class__ is tuple:
+        return job[4].nbytes
+    return job.nbytes
 
 
 # -- sinks ----------------------------------------------------------------------------------------------
@@ -150,9 +159,10 @@ class Writer:
     """Owns the bounded queue and the thread that drains it into a sink."""
 
     def __init__(self, make_sink, stager: Stager, queue_bytes: int, on_full: str, counters: Counters,
-                 expand=None, on_failure=None):
+                 expand=None, on_failure=None, split=None):
         self.stager = stager
-        self.expand = expand  # a lean record (a tuple, Tap.lean_record) -> its Job or None, on this thread
+        self.expand = expand  # a lean record (a tuple, Tap.lean_record) or a Replay -> its Job or None, here
+        self.split = split  # a Job carrying a Replay, its copy on the host -> the replay's records
         self.on_failure = on_failure  # called once when capture stops
         self.queue_bytes = queue_bytes
         self.block = on_full == "block"
@@ -170,7 +180,7 @@ class Writer:
     def submit(self, jobs: list) -> None:
         """Queue jobs (Jobs, or the tuples of lean records) as one batch (one wake-up, one copy to the
         host); with on_full=drop, what does not fit is dropped and counted."""
-        sizes = [job[4].nbytes if job.__class__ is tuple else job.staged.nbytes for job in jobs]
+        sizes = [_nbytes(job) for job in jobs]
         total = sum(sizes)
         with self._cond:
             if self.failed is None and (not self._queue or self._queued_bytes + total <= self.queue_bytes):
@@ -189,9 +199,9 @@ class Writer:
                     self._cond.notify_all()
                     self._cond.wait()
                 if self.failed is not None:
-                    self.counters.lost += 1
+                    self.counters.lost += record_count([job])
                 elif (self._queue or batch) and self._queued_bytes + size + need > self.queue_bytes:
-                    self.counters.dropped += 1
+                    self.counters.dropped += record_count([job])
                 else:
                     batch.append(job)
                     size += need
@@ -244,18 +254,20 @@ class Writer:
                     return
                 continue
             if self.failed is not None:
-                self.counters.lost += len(jobs)
+                self.counters.lost += record_count(jobs)
                 continue
             self._write_batch(jobs)
 
     def _write_batch(self, jobs: list) -> None:
         if self.expand is not None:
-            jobs = [job for job in (self.expand(j) if j.__class__ is tuple else j for j in jobs) if job is not None]
+            jobs = [job for job in (self.expand(j) if j.__class__ is not Job else j for j in jobs) if job is not None]
         try:
             self.stager.to_host([job.staged for job in jobs])
+            if self.split is not None:  # a replay's drained copy, on the host: its records
+                jobs = [out for job in jobs for out in (self.split(job) if job.replay is not None else (job,))]
             arrays = [host_arrays(job) for job in jobs]
         except Exception as exc:  # a failed copy to the host: these records are lost
-            self._fail(exc, lost_now=len(jobs))
+            self._fail(exc, lost_now=record_count(jobs))
             return
         self.counters.records += len(jobs)
         self.counters.bytes += sum(held["data"].nbytes for job, held in zip(jobs, arrays)
@@ -318,7 +330,7 @@ class Writer:
                 self.counters.records = persisted
                 if persisted_bytes is not None:
                     self.counters.bytes = persisted_bytes
-            pending = sum(len(item.jobs) for item in self._queue if isinstance(item, _Batch))
+            pending = sum(record_count(item.jobs) for item in self._queue if isinstance(item, _Batch))
             self._queue = collections.deque(item for item in self._queue if not isinstance(item, _Batch))
             self._queued_bytes = 0
             self.counters.lost += lost_now + pending
