@@ -198,7 +198,10 @@ class ChildSink:
         self._batch_id += 1
         self._unacked.append((self._batch_id, jobs, arrays, totals))  # until it says the batch is committed
         self._check()
-        records = [(record_json(job).encode(), job.full, held) for job, held in zip(jobs, arrays)]
+        records = []
+        for job, held in zip(jobs, arrays):
+            records.append((record_json(job).encode(), job.full, held))
+            time.sleep(0)  # writer.yield_gil: the model's thread may take the GIL between records
         if self._ring is not None:
             self._ring.begin(self._batch_id)
         try:

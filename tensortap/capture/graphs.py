@@ -46,6 +46,7 @@ class Slot:
     buffers: dict  # key ("data", "meta:<key>", "stats:<part>", "signal") -> static tensor
     nbytes: int
     offsets: dict = field(default_factory=dict)  # key -> byte offset in the drained copy
+    json: dict = field(default_factory=dict)  # keys left out -> `meta` without them as JSON (Tap.split_replay)
 
 
 @dataclass

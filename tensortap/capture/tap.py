@@ -34,7 +34,7 @@ from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Staged, Stager
 from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json
-from tensortap.capture.writer import Counters, Writer, make_sink
+from tensortap.capture.writer import Counters, Writer, make_sink, yield_gil
 from tensortap.config import TapConfig
 from tensortap.format import schema
 from tensortap.format.codecs import dtype_name
@@ -528,15 +528,28 @@ class Tap:
         packed = torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat  # uint8 [total]
         flat = flat if isinstance(flat, np.ndarray) else flat.numpy()
         drained = graphs.host_slots(replay.entry, [slot for slot, _ in replay.kept], packed, flat)
+        stamp = replay.stamp
+        left_out = frozenset(stamp.keys() | set(RECORD_KEYS))  # what a slot's own JSON part leaves out
+        stamp_json = meta_json({k: v for k, v in stamp.items() if k not in RECORD_KEYS})  # once per replay
         jobs = []
-        for (meta, tensors, _, on_host), (_, seq) in zip(graphs.slot_records(drained, replay.stamp, host),
-                                                        replay.kept):
+        for (meta, tensors, _, on_host), (slot, seq) in zip(graphs.slot_records(drained, stamp, host), replay.kept):
             meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, replay.time_ns, replay.dropped
+            own = tuple(key[5:] for key in tensors if key.startswith("meta:"))  # host_arrays adds them
+            base_json = None
+            if own and not (slot.meta.keys() | stamp.keys()).isdisjoint(own):
+                pass  # a tensor over a host value of the same key: the whole metadata is encoded
+            else:
+                slot_json = slot.json.get(left_out)
+                if slot_json is None:  # once per slot (and set of stamped keys)
+                    slot_json = slot.json[left_out] = meta_json({k: v for k, v in slot.meta.items()
+                                                                 if k not in left_out})
+                base_json = _joined(slot_json, stamp_json)
             if on_host is not None:
                 tensors = on_host(tensors)
             record = Staged(tensors)
             record.lease = staged.lease
-            jobs.append(Job(meta, record, self.full and "data" in tensors))
+            jobs.append(Job(meta, record, self.full and "data" in tensors, base_json, own))
+            yield_gil()
         if staged.lease is not None:
             staged.lease.holders += len(jobs) - 1  # the carrier's share goes to its records
         staged.tensors, staged.lease = {}, None
@@ -663,6 +676,15 @@ class Tap:
             return ",".join(str(v) for v in values) or "none"
 
         return ", ".join(f"{key} {span(values)}" for key, values in self._seen.items() if values)
+
+
+def _joined(first: str, second: str) -> str:
+    """Two JSON objects with no key in common as one."""
+    if first == "{}":
+        return second
+    if second == "{}":
+        return first
+    return first[:-1] + "," + second[1:]
 
 
 def _dtype(tensor: torch.Tensor) -> str:
