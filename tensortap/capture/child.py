@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from tensortap.capture import frames
-from tensortap.capture.job import record_json
+from tensortap.capture.job import record_json, yield_gil
 from tensortap.text import one_line
 
 
@@ -201,7 +201,7 @@ class ChildSink:
         records = []
         for job, held in zip(jobs, arrays):
             records.append((record_json(job).encode(), job.full, held))
-            time.sleep(0)  # writer.yield_gil: the model's thread may take the GIL between records
+            yield_gil()  # the model's thread may take the GIL between records
         if self._ring is not None:
             self._ring.begin(self._batch_id)
         try:

@@ -8,6 +8,7 @@ keys to it.
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING
 
 from tensortap.text import as_json
@@ -18,6 +19,18 @@ if TYPE_CHECKING:
 RECORD_KEYS = ("name", "point", "layer", "seq", "time_ns", "dropped_before", "dtype", "shape")  # set per record
 
 meta_json = json.JSONEncoder(separators=(",", ":"), allow_nan=True, default=as_json).encode
+YIELD = True  # yield_gil releases the GIL (benchmarks turn it off to measure what it saves)
+
+
+def yield_gil() -> None:
+    """Let the model's thread have the GIL now if it waits for it (a zero sleep releases it).
+
+    The writer thread calls this between records. torch releases the GIL in each op and takes it back
+    after it: while this thread runs Python, every op of the model's thread waits for the GIL, up to
+    the switch interval (5 ms) if this thread never lets go. Released between records, that wait is
+    one record's work at most, and the writer catches up while the model waits for its GPU."""
+    if YIELD:
+        time.sleep(0)
 
 
 class Job:

@@ -33,8 +33,8 @@ from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json
-from tensortap.capture.writer import Counters, Writer, make_sink, yield_gil
+from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json, yield_gil
+from tensortap.capture.writer import Counters, Writer, make_sink
 from tensortap.config import TapConfig
 from tensortap.format import schema
 from tensortap.format.codecs import dtype_name

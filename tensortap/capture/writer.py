@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensortap.capture import frames
-from tensortap.capture.job import Job, record_count, record_json
+from tensortap.capture.job import Job, record_count, record_json, yield_gil
 from tensortap.capture.child import ChildError, ChildSink, SinkGone, child_sink_env  # noqa: F401  (re-exported)
 from tensortap.capture.staging import Stager
 from tensortap.format.codecs import encode
@@ -88,17 +88,6 @@ def host_arrays(job: Job) -> dict:
         else:
             arrays[key] = tensor.contiguous().numpy()
     return arrays
-
-
-def yield_gil() -> None:
-    """Let the model's thread have the GIL now if it waits for it (a zero sleep releases it).
-
-    The writer thread calls this between records. Without it, once the model's thread (which holds
-    the GIL while it launches kernels) is made to hand the GIL over, this thread keeps it until the
-    switch interval (5 ms) forces it back: the two take turns in 5 ms slices, and the model loses up to
-    half of its time while the writer has work. With it, the model loses one record's work at a time,
-    and the writer catches up while the model waits for its GPU (the GIL released)."""
-    time.sleep(0)
 
 
 def _nbytes(job) -> int:
