@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -332,3 +333,25 @@ def test_a_replay_handed_over_whole_writes_the_records_made_one_by_one(tmp_path,
             assert x.stats_array().tobytes() == y.stats_array().tobytes()
     trimmed = next(r for r in a if r.point == "merged_out" and r.step == 6)
     assert trimmed.meta["shape"] == [3, 2, 4] and trimmed.meta["num_tokens"] == 3
+
+
+def test_a_replay_lost_or_dropped_counts_each_of_its_records(tmp_path):
+    """A Replay is one item in the writer's queue but holds a record per kept slot: losses count those."""
+    from tensortap.capture import writer as writer_module
+    from tensortap.capture.job import Replay, record_count
+    from tensortap.capture.staging import Stager
+
+    packed = torch.zeros(64, dtype=torch.uint8)  # [total]
+    replay = Replay(None, [("slot", 1), ("slot", 2), ("slot", 3)], {}, {}, 0, 0, packed, None, None)
+    assert record_count([replay, (None,) * 8]) == 4 and replay.nbytes == 64
+    counters = writer_module.Counters()
+    never = threading.Event()  # the writer thread waits for its sink for ever: the queue stays as the test leaves it
+    writer = writer_module.Writer(never.wait, Stager(), 100, "drop", counters)
+    writer.failed = OSError("gone")
+    writer.submit([replay])
+    assert counters.lost == 3
+    writer.failed = None
+    writer._queue.append(writer_module._Batch([], 90))  # the queue is nearly full
+    writer._queued_bytes = 90
+    writer.submit([replay])
+    assert counters.dropped == 3
