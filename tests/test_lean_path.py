@@ -10,7 +10,8 @@ import torch
 import tensortap
 from tensortap.capture import runtime
 from tensortap.capture.job import Job, meta_json, record_json
-from tensortap.capture.tap import CLONE_NUMEL, Tap
+from tensortap.capture.state import CLONE_NUMEL
+from tensortap.capture.tap import Tap
 from tensortap.format import schema
 
 WHERE_AND_WHEN = set(schema.LOCATION_FIELDS) | {"time_ns"}  # where the segment put its bytes, and the clock

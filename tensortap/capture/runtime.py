@@ -15,7 +15,8 @@ import sys
 import torch
 
 from tensortap.capture import graphs
-from tensortap.capture.tap import ScopeState, Tap, _scope
+from tensortap.capture.state import ScopeState, current_scope
+from tensortap.capture.tap import Tap
 from tensortap.capture.writer import ChildSink, Counters
 from tensortap.config import TapConfig, from_mapping, parse_tap
 from tensortap.errors import TapConfigError
@@ -108,19 +109,19 @@ class _Scope:
     def __enter__(self):
         tap = _tap
         if tap is None:  # closed since scope() was called
-            self.token = _scope.set(_scope.get())
+            self.token = current_scope.set(current_scope.get())
             return self
         try:
-            state = tap.enter(self.meta, _scope.get())
+            state = tap.enter(self.meta, current_scope.get())
         except Exception as exc:  # never into the model's forward
             tap.counters.errors += 1
             tap._warn_once("error", "tensortap: scope(...) failed (%s: %s)", type(exc).__name__, exc)
-            state = _scope.get() or ScopeState({}, {}, 0, 1, False)
-        self.token = _scope.set(state)
+            state = current_scope.get() or ScopeState({}, {}, 0, 1, False)
+        self.token = current_scope.set(state)
         return self
 
     def __exit__(self, *exc) -> None:
-        _scope.reset(self.token)
+        current_scope.reset(self.token)
         tap = _tap
         if tap is not None:
             try:

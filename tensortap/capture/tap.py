@@ -7,12 +7,20 @@ The work is split by how often it changes:
                 metadata every record starts from (with rank and world size); a scope the filter
                 rejects validates only step, role and rank
     per name    layer and point parsed and checked, the point/layer part of the filter (cached)
-    per call    one copy of the scope's metadata with the name, the point's own metadata (a scalar
-                seen valid before costs a set lookup), seq and time; the snapshot (eager, into a
-                pooled host buffer on the CPU: staging.py), or a slot inside a CUDA graph being
-                captured (graphs.py); mode=stats on a GPU computes its stats there
+    per call    lean (`lean_record`: a CPU tensor in a kept scope without tensor metadata, outside
+                captures, point metadata all scalars seen valid before, no flight recorder and no
+                max_bytes): the snapshot and one tuple (scope, name, its metadata, snapshot, seq,
+                time); the writer side makes the record (`expand`) and encodes the scope's metadata
+                as JSON once per scope.
+                otherwise: one copy of the scope's metadata with the name, the point's own metadata
+                (a scalar seen valid before costs a set lookup), seq and time; the snapshot (eager,
+                into a pooled host buffer on the CPU: staging.py), or a slot inside a CUDA graph
+                being captured (graphs.py); mode=stats on a GPU computes its stats there
                 (device_stats.py); with `trigger=` the record goes to the flight recorder
                 (trigger.py) instead of the writer
+    per replay  of a CUDA graph: one copy of its slots and the filter per slot; the writer side cuts
+                the records out of the copy on the host (`split_replay`), unless the flight recorder
+                or max_bytes needs each record on this side
 
 Shape, dtype and byte count are taken from the snapshot on the writer side.
 """
@@ -24,7 +32,6 @@ import itertools
 import logging
 import threading
 import time
-from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -32,19 +39,18 @@ import torch
 from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
+from tensortap.capture.job import Job
+from tensortap.capture.lean import LeanRecords
+from tensortap.capture.replays import GraphRecords
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json, yield_gil
+from tensortap.capture.state import (DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, ScopeState, current_scope, dtype_of,
+                                     on_device)
 from tensortap.capture.writer import Counters, Writer, make_sink
 from tensortap.config import TapConfig
 from tensortap.format import schema
-from tensortap.format.codecs import dtype_name
 
 log = logging.getLogger("tensortap")
 
-PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
-MAX_NDIM = 8
-CLONE_NUMEL = 32768  # CPU tensors of fewer elements are snapshotted by clone(): below torch's parallel grain
-_TENSOR = torch.Tensor
 _FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
 _PER_CALL = _FORWARD | {"name", "point", "layer"}  # call metadata that makes the point's state its own
 _DROP = object()
@@ -52,27 +58,7 @@ _SCALARS = (int, str, float, bool)
 field_problem = schema.field_problem
 
 
-class ScopeState:
-    """What a scope computed once for every point inside it."""
-
-    __slots__ = ("meta", "tensors", "rank", "world", "keeps", "checked", "validated", "base", "lean", "base_json")
-
-    def __init__(self, meta: dict, tensors: dict, rank: int, world: int, keeps: bool, checked: bool = True):
-        self.meta = meta  # validated host metadata, merged over the enclosing scopes
-        self.tensors = tensors  # "meta:<key>" -> snapshot of a device tensor given to the scope
-        self.rank, self.world = rank, world
-        self.keeps = keeps  # Filter.keeps_forward(step, rank, role)
-        self.checked = checked  # False: a rejected scope whose other keys were not validated (nothing to record)
-        self.validated: ScopeState | None = None  # of an unchecked scope: its validated state, made once
-        self.base: dict | None = None  # meta with rank and world size: what its records start from (Tap._base)
-        self.lean = False  # its CPU points may take Tap.lean_record (kept, no tensor metadata, outside captures)
-        self.base_json: str | None = None  # `base` without writer.RECORD_KEYS as JSON (Tap.expand, writer side)
-
-
-_scope: ContextVar[ScopeState | None] = ContextVar("tensortap_scope", default=None)
-
-
-class Tap:
+class Tap(LeanRecords, GraphRecords):
     """An enabled tap: config, filter, counters, stager, graph slots, flight recorder, writer."""
 
     def __init__(self, config: TapConfig):
@@ -220,67 +206,6 @@ class Tap:
         return (layer, point, self.filter.keeps_point(point, layer))
 
     # -- per call -------------------------------------------------------------------------------------
-    def lean_record(self, info: tuple, name: str, tensor, meta: dict) -> None:
-        """A point whose name is kept (`info` from the name cache), called by runtime.point: a CPU tensor
-        in a lean scope (ScopeState.lean) whose point metadata are scalars seen valid before costs its
-        snapshot and one tuple; the writer side makes the record's metadata from it (`expand`). Every
-        other call takes `record`."""
-        try:
-            state = _scope.get()
-            if state is None or not state.lean or not self.lean_ready or tensor.__class__ is not _TENSOR \
-                    or not tensor.is_cpu or tensor.requires_grad or self.graphs.active:
-                return self._record(name, tensor, meta)
-            if meta:
-                valid = self._call_valid
-                for key, value in meta.items():
-                    if (key, value.__class__, value) not in valid:
-                        return self._record(name, tensor, meta)
-            # a small tensor: torch's clone (one malloc from the heap, no intra-op threads); a large one into
-            # a pooled buffer (no page faults; see Stager.host_copy)
-            snap = tensor.clone() if tensor.numel() < CLONE_NUMEL else self.stager.host_copy(tensor)
-            pending = self._local.__dict__.get("jobs")
-            if pending is None:
-                pending = self._local.jobs = []
-            pending.append((state, info, name, meta, snap, next(self._seq), time.time_ns(), self.counters.dropped))
-            if len(pending) >= PENDING_JOBS:
-                self.submit_pending()
-        except Exception as exc:  # never into the model's forward
-            self.counters.errors += 1
-            self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
-                            type(exc).__name__, exc)
-
-    def expand(self, lean) -> Job | None:
-        """Writer side: the Job of a lean record (`lean_record`), or None (counted as an error) for a tensor
-        the format cannot store; of a Replay, the Job that carries its drained copy to the host."""
-        if lean.__class__ is Replay:
-            staged = Staged({"packed": lean.packed, **lean.scope_tensors}, lean.stream)
-            staged.ready = lean.ready
-            return Job(None, staged, self.full, replay=lean)
-        state, (layer, point, _), name, call, snap, seq, time_ns, dropped = lean
-        try:
-            if snap.dim() > MAX_NDIM:
-                raise ValueError(f"{name}: {snap.dim()} dimensions, at most {MAX_NDIM} are stored")
-            if snap.dtype not in _DTYPE_NAMES:
-                _dtype(snap)
-        except Exception as exc:
-            self.counters.errors += 1
-            self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
-                            type(exc).__name__, exc)
-            return None
-        base = state.base
-        meta = dict(base)
-        meta["name"], meta["point"], meta["layer"] = name, point, layer
-        if call:
-            meta.update(call)
-        meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, time_ns, dropped
-        pooled = (snap,) if snap.numel() >= CLONE_NUMEL else ()
-        base_json = state.base_json
-        if base_json is None:  # once per scope, on the writer's side
-            base_json = state.base_json = meta_json({k: v for k, v in base.items() if k not in RECORD_KEYS})
-        if call and not call.keys().isdisjoint(base):
-            base_json = None  # the point overrides its scope's key: its whole metadata is encoded
-        return Job(meta, Staged({"data": snap}, None, pooled), self.full, base_json, tuple(call) if call else ())
-
     def record(self, name: str, tensor, meta: dict) -> None:
         try:
             self._record(name, tensor, meta)
@@ -296,7 +221,7 @@ class Tap:
                 raise ValueError(keeps)
             self.excluded += 1
             return
-        scope = _scope.get()
+        scope = current_scope.get()
         state = scope or self.root()
         entry = self.graphs.capturing() if self.graphs.active else None
         if meta and (entry is not None or not _PER_CALL.isdisjoint(meta)):
@@ -314,8 +239,8 @@ class Tap:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() > MAX_NDIM:
             raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
-        if tensor.dtype not in _DTYPE_NAMES:
-            _dtype(tensor)  # a dtype the format cannot store fails here, not in the writer
+        if tensor.dtype not in DTYPE_NAMES:
+            dtype_of(tensor)  # a dtype the format cannot store fails here, not in the writer
         if entry is not None:
             self._record_in_graph(entry, name, layer, point, tensor, state)
             return
@@ -399,7 +324,7 @@ class Tap:
             tensors = {"data": tensor}
         else:
             tensors = device_stats.partials(tensor, point, rows=graphs.by_rows(point, tensor))
-        tensors.update(_on_device(state.tensors, tensor.device))
+        tensors.update(on_device(state.tensors, tensor.device))
         return tensors
 
     def _keeps_data(self, tensor: torch.Tensor) -> bool:
@@ -411,13 +336,13 @@ class Tap:
         """Snapshot the tensor on the caller's thread or stream, or compute its stats partials there (the
         tensor itself then never leaves the device), and deliver the record. Scope snapshots travel
         with it; the writer takes dtype and shape from the snapshot."""
-        extra = _on_device(scope_tensors, tensor.device) if scope_tensors else None
+        extra = on_device(scope_tensors, tensor.device) if scope_tensors else None
         if self._keeps_data(tensor):
             staged = self.stager.stage({"data": tensor})
         else:
             staged = Staged(device_stats.partials(tensor, point), torch.cuda.current_stream(tensor.device))
             staged.on_host = device_stats.finish_on_host  # the parts, assembled by the writer on the host
-            meta["dtype"], meta["shape"] = _dtype(tensor), list(tensor.shape)
+            meta["dtype"], meta["shape"] = dtype_of(tensor), list(tensor.shape)
         if extra:
             staged.add(extra)
         self._deliver(meta, staged, tensor)
@@ -452,108 +377,6 @@ class Tap:
     def _where(watched: str, meta: dict, name: str, point: str, layer, rank) -> dict:
         return dict(trigger=watched, name=name, point=point, layer=layer, step=meta.get("step"),
                     role=meta.get("role"), spec_pos=meta.get("spec_pos"), rank=rank)
-
-    # -- inside CUDA graphs (graphs.py) ---------------------------------------------------------------
-    def _record_in_graph(self, entry, name: str, layer: int, point: str, tensor: torch.Tensor,
-                         state: ScopeState) -> None:
-        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself."""
-        watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None
-        buffers = graphs.slot_buffers(self._tensors(tensor, point, state), tensor, watched, point)
-        meta = dict(state.meta)
-        meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=_dtype(tensor),
-                    shape=list(tensor.shape))
-        meta.setdefault("world_size", state.world)
-        self.graphs.add(entry, name, point, meta, buffers)
-
-    def after_replay(self, graph) -> None:
-        """After a replay: the graph's slots, drained in one copy, become records stamped with the scope:
-        on the writer side (one Replay handed over: `split_replay`), or here where the flight recorder or
-        max_bytes needs each record now."""
-        state = _scope.get() or self.root()
-        if self.lean_ready:
-            self._hand_over_replay(graph, state)
-            if _scope.get() is None:
-                self.submit_pending()
-            return
-        for meta, tensors, signal, on_host in self.graphs.records(graph, state.meta, state.tensors):
-            if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
-                self.excluded += 1
-                continue
-            meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
-            first = next(iter(tensors.values()))
-            staged = Staged(tensors, torch.cuda.current_stream(first.device) if first.is_cuda else None)
-            staged.on_host = on_host
-            self._deliver(meta, staged, None, signal)
-        if _scope.get() is None:
-            self.submit_pending()
-            self._end_scope()
-
-    def _hand_over_replay(self, graph, state: ScopeState) -> None:
-        """The model's thread per replay: one copy of the slots, the filter per slot, one Replay queued."""
-        packed = self.graphs.pack(graph)
-        if packed is None:
-            return
-        entry, flat = packed
-        stamp = graphs.Registry.stamp(entry, state.meta)
-        kept, verdicts = [], {}
-        for slot in entry.slots:
-            meta = slot.meta
-            key = tuple(stamp[k] if k in stamp else meta.get(k) for k in ("step", "rank", "role"))
-            keeps = verdicts.get(key)
-            if keeps is None:
-                keeps = verdicts[key] = self.filter.keeps_forward(*key)
-            if keeps:
-                kept.append((slot, next(self._seq)))
-            else:
-                self.excluded += 1
-        if not kept:
-            return
-        scope_tensors = _on_device(state.tensors, flat.device) if state.tensors else {}
-        stream = entry.stream if flat.is_cuda else None
-        replay = Replay(entry, kept, stamp, scope_tensors, time.time_ns(), self.counters.dropped, flat,
-                        entry.drained if flat.is_cuda else None, stream)
-        pending = self._local.__dict__.get("jobs")
-        if pending is None:
-            pending = self._local.jobs = []
-        pending.append(replay)
-        if len(pending) >= PENDING_JOBS:
-            self.submit_pending()
-
-    def split_replay(self, carrier: Job) -> list[Job]:
-        """Writer side, once a replay's copy is on the host: its records, views into that copy (they
-        share its pinned lease), stamped and trimmed as `graphs.slot_records` says, stats finished."""
-        replay, staged = carrier.replay, carrier.staged
-        host = dict(staged.tensors)
-        flat = host.pop("packed")  # uint8 [total], numpy: the same memory as the lease
-        packed = torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat  # uint8 [total]
-        flat = flat if isinstance(flat, np.ndarray) else flat.numpy()
-        drained = graphs.host_slots(replay.entry, [slot for slot, _ in replay.kept], packed, flat)
-        stamp = replay.stamp
-        left_out = frozenset(stamp.keys() | set(RECORD_KEYS))  # what a slot's own JSON part leaves out
-        stamp_json = meta_json({k: v for k, v in stamp.items() if k not in RECORD_KEYS})  # once per replay
-        jobs = []
-        for (meta, tensors, _, on_host), (slot, seq) in zip(graphs.slot_records(drained, stamp, host), replay.kept):
-            meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, replay.time_ns, replay.dropped
-            own = tuple(key[5:] for key in tensors if key.startswith("meta:"))  # host_arrays adds them
-            base_json = None
-            if own and not (slot.meta.keys() | stamp.keys()).isdisjoint(own):
-                pass  # a tensor over a host value of the same key: the whole metadata is encoded
-            else:
-                slot_json = slot.json.get(left_out)
-                if slot_json is None:  # once per slot (and set of stamped keys)
-                    slot_json = slot.json[left_out] = meta_json({k: v for k, v in slot.meta.items()
-                                                                 if k not in left_out})
-                base_json = _joined(slot_json, stamp_json)
-            if on_host is not None:
-                tensors = on_host(tensors)
-            record = Staged(tensors)
-            record.lease = staged.lease
-            jobs.append(Job(meta, record, self.full and "data" in tensors, base_json, own))
-            yield_gil()
-        if staged.lease is not None:
-            staged.lease.holders += len(jobs) - 1  # the carrier's share goes to its records
-        staged.tensors, staged.lease = {}, None
-        return jobs
 
     # -- hand-over ------------------------------------------------------------------------------------
     def submit_pending(self) -> None:
@@ -638,7 +461,7 @@ class Tap:
                 return False
             if self.graphs.capturing() is not None:
                 return True  # the step is known only at replay
-            state = _scope.get() or self.root()
+            state = current_scope.get() or self.root()
             return self._with_call_meta(state, meta).keeps if meta else state.keeps
         except Exception as exc:  # never into the model's forward
             self.counters.errors += 1
@@ -676,30 +499,6 @@ class Tap:
             return ",".join(str(v) for v in values) or "none"
 
         return ", ".join(f"{key} {span(values)}" for key, values in self._seen.items() if values)
-
-
-def _joined(first: str, second: str) -> str:
-    """Two JSON objects with no key in common as one."""
-    if first == "{}":
-        return second
-    if second == "{}":
-        return first
-    return first[:-1] + "," + second[1:]
-
-
-def _dtype(tensor: torch.Tensor) -> str:
-    name = _DTYPE_NAMES.get(tensor.dtype)
-    if name is None:
-        name = _DTYPE_NAMES[tensor.dtype] = dtype_name(tensor.dtype)
-    return name
-
-
-_DTYPE_NAMES: dict = {}
-
-
-def _on_device(tensors: dict, device: torch.device) -> dict:
-    """The scope snapshots that travel with a record on `device` (a record's tensors share one device)."""
-    return {key: value for key, value in tensors.items() if value.device == device}
 
 
 def _from_parts_available() -> bool:
