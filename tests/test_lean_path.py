@@ -153,3 +153,62 @@ def test_record_json_is_the_whole_metadata():
     assert json.loads(record_json(Job(dict(own), None, True, "{}"))) == own, "a scope with no metadata"
     assert json.loads(record_json(Job({"step": 1}, None, True, '{"step":1}'))) == {"step": 1}, "no own keys"
     assert json.loads(record_json(Job(meta, None, True))) == json.loads(meta_json(meta)), "no scope part"
+
+
+def test_list_metadata_and_sparse_tensors_take_the_full_path_and_lose_nothing(tmp_path):
+    tensortap.configure(dir=str(tmp_path), writer="thread")
+    for step in range(3):
+        with tensortap.scope(step=step):
+            tensortap.point("layers.0.attn.q", torch.zeros(4), seq_lens=[1, 2], page_ids=(3, 4))
+            tensortap.point("layers.0.attn.lse", torch.eye(3).to_sparse())  # the format cannot store it
+            tensortap.point("layers.0.attn.hidden", torch.ones(4))
+    tensortap.close()
+    d = tensortap.open(str(tmp_path))
+    assert sorted((r.point, r.step) for r in d) == sorted([("q", s) for s in range(3)] + [("hidden", s) for s in range(3)])
+    assert all(r.meta["seq_lens"] == [1, 2] and r.meta["page_ids"] == [3, 4] for r in d if r.point == "q")
+    counters = tensortap.stats()
+    assert counters["errors"] == 3 and counters["lost"] == 0
+
+
+def test_stats_and_stored_given_by_a_caller_are_dropped_with_one_message(tmp_path, caplog):
+    for writer in ("thread", "process"):
+        tensortap.configure(dir=str(tmp_path / writer), writer=writer, mode="stats")
+        with caplog.at_level(logging.ERROR, logger="tensortap"):
+            for step in range(3):
+                with tensortap.scope(step=step, stored=True):
+                    tensortap.point("layers.0.attn.lse", torch.ones(2, 2), stats={"x": 1})
+            tensortap.close()
+        records = list(tensortap.open(str(tmp_path / writer)))
+        assert len(records) == 3 and all(r.meta["stored"] is False and "x" not in r.meta["stats"] for r in records)
+        assert tensortap.stats()["errors"] == 6
+    assert sum("written by the writer" in r.getMessage() for r in caplog.records) == 4, "once per key and run"
+
+
+def test_a_batch_larger_than_the_queue_is_cut_as_before(tmp_path):
+    """The whole-batch hand-over takes the fast path only when all of it fits under queue_bytes."""
+    import threading
+
+    from tensortap.capture import writer as writer_module
+    from tensortap.capture.job import Job
+    from tensortap.capture.staging import Staged, Stager
+
+    counters = writer_module.Counters()
+    never = threading.Event()  # the writer thread waits for its sink for ever: the queue stays as submitted
+    writer = writer_module.Writer(never.wait, Stager(), 1000, "drop", counters)
+    writer.submit([Job({}, Staged({"data": torch.zeros(100)}), True) for _ in range(10)])  # 400 bytes each
+    assert counters.dropped == 8 and writer._queued_bytes == 800
+
+
+def test_metadata_json_cannot_encode_costs_its_records_not_the_capture(tmp_path, caplog):
+    tensortap.configure(dir=str(tmp_path), writer="thread")
+    looped = []
+    looped.append(looped)  # a list that contains itself: JSON cannot encode it
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        for step in range(3):
+            with tensortap.scope(step=step, note=looped if step == 1 else [step]):
+                tensortap.point("layers.0.attn.lse", torch.ones(2))
+        with tensortap.scope(step=9):
+            tensortap.point("layers.0.attn.lse", torch.ones(2))
+        tensortap.close()
+    assert sorted(r.step for r in tensortap.open(str(tmp_path))) == [0, 2, 9]
+    assert tensortap.stats()["errors"] >= 1

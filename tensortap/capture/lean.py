@@ -15,9 +15,10 @@ import torch
 
 from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json
 from tensortap.capture.staging import Staged
-from tensortap.capture.state import CLONE_NUMEL, DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, current_scope, dtype_of
+from tensortap.capture.state import CLONE_NUMEL, DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, SCALARS, current_scope, dtype_of
 
 _TENSOR = torch.Tensor
+_STRIDED = torch.strided  # sparse and mkldnn tensors take `record`
 
 
 class LeanRecords:
@@ -31,12 +32,14 @@ class LeanRecords:
         try:
             state = current_scope.get()
             if state is None or not state.lean or not self.lean_ready or tensor.__class__ is not _TENSOR \
-                    or not tensor.is_cpu or tensor.requires_grad or self.graphs.active:
+                    or not tensor.is_cpu or tensor.layout is not _STRIDED or tensor.requires_grad \
+                    or self.graphs.active:
                 return self._record(name, tensor, meta)
             if meta:
                 valid = self._call_valid
                 for key, value in meta.items():
-                    if (key, value.__class__, value) not in valid:
+                    kind = value.__class__  # lists, dicts, arrays: not hashable, and checked by `record`
+                    if kind not in SCALARS or (key, kind, value) not in valid:
                         return self._record(name, tensor, meta)
             # a small tensor: torch's clone (one malloc from the heap, no intra-op threads); a large one into
             # a pooled buffer (no page faults; see Stager.host_copy)
@@ -59,6 +62,15 @@ class LeanRecords:
             staged = Staged({"packed": lean.packed, **lean.scope_tensors}, lean.stream)
             staged.ready = lean.ready
             return Job(None, staged, self.full, replay=lean)
+        try:
+            return self._expand(lean)
+        except Exception as exc:  # unencodable metadata, say: this record is lost, capture goes on
+            self.counters.errors += 1
+            self._warn_once("error", "tensortap: a record of %r could not be made (%s: %s)", lean[2],
+                            type(exc).__name__, exc)
+            return None
+
+    def _expand(self, lean: tuple) -> Job | None:
         state, (layer, point, _), name, call, snap, seq, time_ns, dropped = lean
         try:
             if snap.dim() > MAX_NDIM:

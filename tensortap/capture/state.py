@@ -15,6 +15,7 @@ from tensortap.format.codecs import dtype_name
 PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 MAX_NDIM = 8
 CLONE_NUMEL = 32768  # CPU tensors of fewer elements are snapshotted by clone(): below torch's parallel grain
+SCALARS = (int, str, float, bool)  # metadata values checked once per (key, type, value)
 
 
 class ScopeState:

@@ -39,12 +39,12 @@ import torch
 from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
-from tensortap.capture.job import Job
+from tensortap.capture.job import Job, record_count
 from tensortap.capture.lean import LeanRecords
 from tensortap.capture.replays import GraphRecords
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.state import (DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, ScopeState, current_scope, dtype_of,
-                                     on_device)
+from tensortap.capture.state import (DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, SCALARS, ScopeState, current_scope,
+                                     dtype_of, on_device)
 from tensortap.capture.writer import Counters, Writer, make_sink
 from tensortap.config import TapConfig
 from tensortap.format import schema
@@ -54,7 +54,7 @@ log = logging.getLogger("tensortap")
 _FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
 _PER_CALL = _FORWARD | {"name", "point", "layer"}  # call metadata that makes the point's state its own
 _DROP = object()
-_SCALARS = (int, str, float, bool)
+_WRITER_KEYS = frozenset(("stats", "stored"))  # record fields only the writer sets (caller values dropped)
 field_problem = schema.field_problem
 
 
@@ -158,10 +158,10 @@ class Tap(LeanRecords, GraphRecords):
         """A metadata value as the record schema wants it, or _DROP (an error, reported once per key).
         Scalars already seen valid for a key are not checked again."""
         kind = type(value)
-        if kind in _SCALARS:
+        if kind in SCALARS:
             if (key, kind, value) in self._valid:  # the type too: True == 1 == 1.0
                 return value
-            if field_problem(key, value) is None:
+            if field_problem(key, value) is None and key not in _WRITER_KEYS:
                 if len(self._valid) < 65536:
                     self._valid.add((key, kind, value))
                 return value
@@ -170,6 +170,8 @@ class Tap(LeanRecords, GraphRecords):
         elif isinstance(value, tuple):
             value = list(value)
         problem = schema.field_problem(key, value)
+        if key in _WRITER_KEYS:
+            problem = f"{key} is written by the writer itself (the record's {key}); use another key"
         if problem is None:
             return value
         self.counters.errors += 1
@@ -276,7 +278,7 @@ class Tap(LeanRecords, GraphRecords):
         tensors, valid = scope_tensors, self._valid
         for key, value in call.items():
             kind = value.__class__
-            if kind in _SCALARS and (key, kind, value) in valid and not (tensors and "meta:" + key in tensors):
+            if kind in SCALARS and (key, kind, value) in valid and not (tensors and "meta:" + key in tensors):
                 meta[key] = value  # the common case: a value the schema accepted before
                 if key not in _PER_CALL and len(self._call_valid) < 65536:
                     self._call_valid.add((key, kind, value))  # lean_record takes it from now on
@@ -298,7 +300,7 @@ class Tap(LeanRecords, GraphRecords):
                 meta.pop(key, None)
             else:
                 meta[key] = value
-                if kind in _SCALARS and value.__class__ is kind and key not in _PER_CALL \
+                if kind in SCALARS and value.__class__ is kind and key not in _PER_CALL \
                         and len(self._call_valid) < 65536:
                     self._call_valid.add((key, kind, value))  # lean_record takes it from now on
         return tensors
@@ -384,7 +386,11 @@ class Tap(LeanRecords, GraphRecords):
         pending = getattr(self._local, "jobs", None)
         if pending and self.writer is not None:
             self._local.jobs = []
-            self._submit_now(pending)
+            try:
+                self._submit_now(pending)
+            except Exception:
+                self.counters.lost += record_count(pending)  # handed over to nobody: counted, then said once
+                raise
 
     def _submit_now(self, jobs: list) -> None:
         Stager.mark_ready([job.staged for job in jobs if job.__class__ is Job])  # lean (CPU), Replay (has one)

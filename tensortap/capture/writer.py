@@ -184,7 +184,7 @@ class Writer:
         sizes = [_nbytes(job) for job in jobs]
         total = sum(sizes)
         with self._cond:
-            if self.failed is None and (not self._queue or self._queued_bytes + total <= self.queue_bytes):
+            if self.failed is None and self._queued_bytes + total <= self.queue_bytes:
                 self._queue.append(_Batch(jobs, total))  # the common case: it all fits
                 self._queued_bytes += total
                 self._cond.notify_all()
@@ -260,9 +260,10 @@ class Writer:
             self._write_batch(jobs)
 
     def _write_batch(self, jobs: list) -> None:
-        if self.expand is not None:
-            jobs = [job for job in (self.expand(j) if j.__class__ is not Job else j for j in jobs) if job is not None]
         try:
+            if self.expand is not None:
+                jobs = [job for job in (self.expand(j) if j.__class__ is not Job else j for j in jobs)
+                        if job is not None]
             self.stager.to_host([job.staged for job in jobs])
             if self.split is not None:  # a replay's drained copy, on the host: its records
                 jobs = [out for job in jobs for out in (self.split(job) if job.replay is not None else (job,))]
