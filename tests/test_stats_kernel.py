@@ -23,7 +23,7 @@ COMPARE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from tensortap.capture import device_stats, stats_kernel
     from test_device_stats import cases
-    stats_kernel.CHUNK = 2048  # several chunks per cell in the small cases
+    stats_kernel.CHUNK = 1024  # several chunks per cell in the small cases (one BLOCK each)
     device = {device!r}
     compared = 0
     for point, x in cases():
