@@ -551,3 +551,26 @@ def test_a_writer_that_fell_behind_sends_the_writer_process_batches_of_a_quarter
     assert max(sizes) <= (1 << 20) + (128 << 10), sizes
     d = tensortap.open(tap_dir)
     assert d.steps == list(range(40)) and all(int(r.tensor()[0, 0]) == r.step % 251 for r in d.iter())
+
+
+def test_the_writer_releases_the_gil_once_it_has_held_it_for_yield_ns(monkeypatch):
+    from tensortap.capture import job
+
+    clock, sleeps = [0], []
+    monkeypatch.setattr(job.time, "perf_counter_ns", lambda: clock[0])
+    monkeypatch.setattr(job.time, "sleep", lambda seconds: sleeps.append(seconds))
+    monkeypatch.setattr(job, "_held_since", 0)
+    for now in (10_000, 50_000, 99_999):  # held for less than YIELD_NS: kept
+        clock[0] = now
+        job.yield_gil()
+    assert sleeps == []
+    clock[0] = job.YIELD_NS
+    job.yield_gil()
+    assert sleeps == [0], "released with a zero sleep"
+    clock[0] += job.YIELD_NS - 1
+    job.yield_gil()
+    assert sleeps == [0], "held again from the release on"
+    monkeypatch.setattr(job, "YIELD", False)
+    clock[0] += 10 * job.YIELD_NS
+    job.yield_gil()
+    assert sleeps == [0], "switched off for the benchmarks' A/B"
