@@ -339,10 +339,10 @@ def test_a_replay_lost_or_dropped_counts_each_of_its_records(tmp_path):
     """A Replay is one item in the writer's queue but holds a record per kept slot: losses count those."""
     from tensortap.capture import writer as writer_module
     from tensortap.capture.job import Replay, record_count
-    from tensortap.capture.staging import Stager
+    from tensortap.capture.staging import Staged, Stager
 
     packed = torch.zeros(64, dtype=torch.uint8)  # [total]
-    replay = Replay(None, [("slot", 1), ("slot", 2), ("slot", 3)], {}, {}, 0, 0, packed, None, None)
+    replay = Replay(None, [("slot", 1), ("slot", 2), ("slot", 3)], {}, 0, 0, Staged({"packed": packed}))
     assert record_count([replay, (None,) * 8]) == 4 and replay.nbytes == 64
     counters = writer_module.Counters()
     never = threading.Event()  # the writer thread waits for its sink for ever: the queue stays as the test leaves it

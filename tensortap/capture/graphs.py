@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensortap.capture import device_stats, trigger
-from tensortap.capture.staging import NUMPY_DTYPES
+from tensortap.capture.staging import host_view
 
 ALIGN = 16  # bytes: each buffer starts aligned in the drained copy, so views of any dtype work
 UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
@@ -218,23 +218,11 @@ def slot_records(drained: list, stamp: dict, scope_tensors: dict):
         yield meta, tensors, signal, on_host
 
 
-def host_slots(entry: GraphSlots, slots: list, packed: torch.Tensor, flat) -> list[tuple[Slot, dict]]:
-    """`slots` of `entry` with their tensors as views of the drained copy on the host: `packed` (uint8
-    [total], pinned) and `flat`, the same memory as numpy. "data" stays a torch tensor (its dtype may be
-    one numpy lacks); the small stats parts and "meta:" snapshots are numpy views (staging.attach)."""
-    out = []
-    for slot in slots:
-        tensors = {}
-        for key, buf in slot.buffers.items():
-            start = slot.offsets[key]
-            n = buf.numel() * buf.element_size()
-            as_numpy = NUMPY_DTYPES.get(buf.dtype) if key != "data" else None
-            if as_numpy is not None:
-                tensors[key] = flat[start:start + n].view(as_numpy).reshape(buf.shape)  # [*shape]
-            else:
-                tensors[key] = packed[start:start + n].view(buf.dtype).view(buf.shape)  # [*shape]
-        out.append((slot, tensors))
-    return out
+def host_slots(slots: list, packed: torch.Tensor, flat) -> list[tuple[Slot, dict]]:
+    """`slots` with their tensors as views of the drained copy on the host: `packed` (uint8 [total]) and
+    `flat`, the same memory as numpy (staging.host_view: "data" torch, the rest numpy)."""
+    return [(slot, {key: host_view(key, buf.dtype, buf.shape, packed, flat, slot.offsets[key])
+                    for key, buf in slot.buffers.items()}) for slot in slots]
 
 
 def by_rows(point: str, tensor: torch.Tensor) -> bool:

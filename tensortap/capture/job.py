@@ -1,8 +1,8 @@
 """A record on its way from the tap to the writer, and its metadata's JSON, encoded once.
 
-A lean record (Tap.lean_record) keeps its scope's metadata apart: the scope's part is encoded once per
-scope (`base_json`, without RECORD_KEYS and the point's own keys), and each record adds only its own
-keys to it.
+A lean record (Tap.lean_record) and a graph replay's records (Tap.split_replay) keep the metadata they
+share apart: that part is encoded once per scope or slot (`base_json`, without RECORD_KEYS and the
+record's own keys), and each record adds only its own keys to it.
 """
 
 from __future__ import annotations
@@ -45,59 +45,59 @@ def yield_gil() -> None:
 class Job:
     """A record on its way to disk."""
 
-    __slots__ = ("meta", "staged", "full", "base_json", "own", "replay")
+    __slots__ = ("meta", "staged", "full", "base_json", "own")
 
-    def __init__(self, meta: dict, staged: Staged, full: bool, base_json: str | None = None, own: tuple = (),
-                 replay: "Replay | None" = None):
+    def __init__(self, meta: dict, staged: Staged, full: bool, base_json: str | None = None, own: tuple = ()):
         self.meta = meta  # metadata (seq, point, ...); tensor values travel in `staged` as "meta:<key>"
         self.staged = staged  # "data" (the snapshot) or the device's "stats:*" parts, and "meta:*"
         self.full = full  # the tensor is stored, not only its stats
-        # a lean record's scope metadata, JSON encoded once per scope without RECORD_KEYS and `own` (the
-        # point's own keys): its JSON is that and the record's own keys (record_json)
+        # the part of `meta` its scope (or graph slot) shares, JSON encoded once, and the keys `meta` sets
+        # besides RECORD_KEYS: its JSON is that part and these keys (record_json)
         self.base_json = base_json
         self.own = own
-        self.replay = replay  # a carrier: the drained copy of one graph replay, split into its records on the host
 
 
 class Replay:
     """The records of one CUDA-graph replay as the model's thread hands them over (Tap.after_replay): the
-    graph's slots drained in one copy, the slots kept with their seq, and what the host scope at the
-    replay stamps on each. The writer side makes the records from it once the copy is on the host."""
+    graph's slots drained in one copy (`staged`: "packed" uint8 [total] and the replay scope's "meta:*"
+    snapshots, its `ready` the event after that copy), the slots kept with their seq, and what the host
+    scope at the replay stamps on each. The writer side cuts the records out once the copy is on the
+    host (Tap.split_replay)."""
 
-    __slots__ = ("entry", "kept", "stamp", "scope_tensors", "time_ns", "dropped", "packed", "ready", "stream",
-                 "nbytes", "records")
+    __slots__ = ("entry", "kept", "stamp", "time_ns", "dropped", "staged")
 
-    def __init__(self, entry, kept: list, stamp: dict, scope_tensors: dict, time_ns: int, dropped: int, packed,
-                 ready, stream):
+    def __init__(self, entry, kept: list, stamp: dict, time_ns: int, dropped: int, staged: Staged):
         self.entry = entry  # graphs.GraphSlots
         self.kept = kept  # [(slot, seq)] of the slots the filter keeps, in order
         self.stamp = stamp  # the replay's scope metadata, phase and graph (Registry.stamp)
-        self.scope_tensors = scope_tensors  # "meta:<key>" -> device snapshot given to the replay's scope
         self.time_ns, self.dropped = time_ns, dropped
-        self.packed = packed  # uint8 [total] on the device: every slot's buffers (Registry.pack)
-        self.ready, self.stream = ready, stream  # the event after that copy, and its stream
-        self.nbytes = packed.nbytes + sum(t.nbytes for t in scope_tensors.values())
-        self.records = len(kept)
+        self.staged = staged
+
+    @property
+    def nbytes(self) -> int:
+        return self.staged.nbytes
 
 
 def record_count(jobs: list) -> int:
-    """How many records `jobs` hold: a Replay (or the Job carrying one) holds one per slot it keeps."""
-    count = 0
-    for job in jobs:
-        replay = job if job.__class__ is Replay else getattr(job, "replay", None)
-        count += replay.records if replay is not None else 1
-    return count
+    """How many records `jobs` hold: a Replay holds one per slot it keeps."""
+    return sum(len(job.kept) if job.__class__ is Replay else 1 for job in jobs)
+
+
+def join_json(first: str, second: str) -> str:
+    """Two JSON objects with no key in common, as one."""
+    if first == "{}":
+        return second
+    if second == "{}":
+        return first
+    return first[:-1] + "," + second[1:]
 
 
 def record_json(job: Job) -> str:
-    """A record's metadata as JSON, encoded once: its scope's part was encoded once per scope."""
+    """A record's metadata as JSON, encoded once: the part its scope shares was encoded once for all."""
     if job.base_json is None:
         return meta_json(job.meta)
     meta = job.meta
     own = {key: meta[key] for key in RECORD_KEYS if key in meta}
     for key in job.own:
         own[key] = meta[key]
-    text = meta_json(own)  # "{...}"
-    if job.base_json == "{}":
-        return text
-    return job.base_json[:-1] + ("," + text[1:] if len(text) > 2 else "}")
+    return join_json(job.base_json, meta_json(own))

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json
+from tensortap.capture.job import RECORD_KEYS, Job, meta_json
 from tensortap.capture.staging import Staged
-from tensortap.capture.state import CLONE_NUMEL, DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, SCALARS, current_scope, dtype_of
+from tensortap.capture.state import CLONE_NUMEL, PER_CALL, SCALARS, check_storable, current_scope
 
 _TENSOR = torch.Tensor
 _STRIDED = torch.strided  # sparse and mkldnn tensors take `record`
@@ -36,62 +36,41 @@ class LeanRecords:
                     or self.graphs.active:
                 return self._record(name, tensor, meta)
             if meta:
-                valid = self._call_valid
+                valid = self._valid
                 for key, value in meta.items():
                     kind = value.__class__  # lists, dicts, arrays: not hashable, and checked by `record`
-                    if kind not in SCALARS or (key, kind, value) not in valid:
+                    if kind not in SCALARS or key in PER_CALL or (key, kind, value) not in valid:
                         return self._record(name, tensor, meta)
             # a small tensor: torch's clone (one malloc from the heap, no intra-op threads); a large one into
             # a pooled buffer (no page faults; see Stager.host_copy)
             snap = tensor.clone() if tensor.numel() < CLONE_NUMEL else self.stager.host_copy(tensor)
-            pending = self._local.__dict__.get("jobs")
-            if pending is None:
-                pending = self._local.jobs = []
-            pending.append((state, info, name, meta, snap, next(self._seq), time.time_ns(), self.counters.dropped))
-            if len(pending) >= PENDING_JOBS:
-                self.submit_pending()
+            self.pend((state, info, name, meta, snap, next(self._seq), time.time_ns(), self.counters.dropped))
         except Exception as exc:  # never into the model's forward
             self.counters.errors += 1
             self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
                             type(exc).__name__, exc)
 
-    def expand(self, lean) -> Job | None:
-        """Writer side: the Job of a lean record (`lean_record`), or None (counted as an error) for a tensor
-        the format cannot store; of a Replay, the Job that carries its drained copy to the host."""
-        if lean.__class__ is Replay:
-            staged = Staged({"packed": lean.packed, **lean.scope_tensors}, lean.stream)
-            staged.ready = lean.ready
-            return Job(None, staged, self.full, replay=lean)
-        try:
-            return self._expand(lean)
-        except Exception as exc:  # unencodable metadata, say: this record is lost, capture goes on
-            self.counters.errors += 1
-            self._warn_once("error", "tensortap: a record of %r could not be made (%s: %s)", lean[2],
-                            type(exc).__name__, exc)
-            return None
-
-    def _expand(self, lean: tuple) -> Job | None:
+    def expand(self, lean: tuple) -> Job | None:
+        """Writer side: the Job of a lean record (`lean_record`), or None, counted as an error and said
+        once, for a tensor the format cannot store or metadata JSON cannot encode (capture goes on)."""
         state, (layer, point, _), name, call, snap, seq, time_ns, dropped = lean
         try:
-            if snap.dim() > MAX_NDIM:
-                raise ValueError(f"{name}: {snap.dim()} dimensions, at most {MAX_NDIM} are stored")
-            if snap.dtype not in DTYPE_NAMES:
-                dtype_of(snap)
+            check_storable(name, snap)
+            base = state.base
+            meta = dict(base)
+            meta["name"], meta["point"], meta["layer"] = name, point, layer
+            if call:
+                meta.update(call)
+            meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, time_ns, dropped
+            base_json = state.base_json
+            if base_json is None:  # once per scope, on the writer's side
+                base_json = state.base_json = meta_json({k: v for k, v in base.items() if k not in RECORD_KEYS})
+            if call and not call.keys().isdisjoint(base):
+                base_json = None  # the point overrides its scope's key: its whole metadata is encoded
         except Exception as exc:
             self.counters.errors += 1
             self._warn_once("error", "tensortap: tap point %r failed (%s: %s); the model keeps running", name,
                             type(exc).__name__, exc)
             return None
-        base = state.base
-        meta = dict(base)
-        meta["name"], meta["point"], meta["layer"] = name, point, layer
-        if call:
-            meta.update(call)
-        meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, time_ns, dropped
-        pooled = (snap,) if snap.numel() >= CLONE_NUMEL else ()
-        base_json = state.base_json
-        if base_json is None:  # once per scope, on the writer's side
-            base_json = state.base_json = meta_json({k: v for k, v in base.items() if k not in RECORD_KEYS})
-        if call and not call.keys().isdisjoint(base):
-            base_json = None  # the point overrides its scope's key: its whole metadata is encoded
+        pooled = (snap,) if snap.numel() >= CLONE_NUMEL else ()  # host_copy's buffers go back to its pool
         return Job(meta, Staged({"data": snap}, None, pooled), self.full, base_json, tuple(call) if call else ())

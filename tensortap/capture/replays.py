@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from tensortap.capture import graphs, trigger
-from tensortap.capture.job import RECORD_KEYS, Job, Replay, meta_json, yield_gil
+from tensortap.capture.job import RECORD_KEYS, Job, Replay, join_json, meta_json, yield_gil
 from tensortap.capture.staging import Staged
-from tensortap.capture.state import PENDING_JOBS, ScopeState, current_scope, dtype_of, on_device
+from tensortap.capture.state import ScopeState, current_scope, dtype_of, on_device
 
 
 class GraphRecords:
@@ -40,18 +40,17 @@ class GraphRecords:
         state = current_scope.get() or self.root()
         if self.lean_ready:
             self._hand_over_replay(graph, state)
-            if current_scope.get() is None:
-                self.submit_pending()
-            return
-        for meta, tensors, signal, on_host in self.graphs.records(graph, state.meta, state.tensors):
-            if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
-                self.excluded += 1
-                continue
-            meta["seq"], meta["time_ns"], meta["dropped_before"] = next(self._seq), time.time_ns(), self.counters.dropped
-            first = next(iter(tensors.values()))
-            staged = Staged(tensors, torch.cuda.current_stream(first.device) if first.is_cuda else None)
-            staged.on_host = on_host
-            self._deliver(meta, staged, None, signal)
+        else:
+            for meta, tensors, signal, on_host in self.graphs.records(graph, state.meta, state.tensors):
+                if not self.filter.keeps_forward(meta.get("step"), meta.get("rank"), meta.get("role")):
+                    self.excluded += 1
+                    continue
+                meta["seq"], meta["time_ns"] = next(self._seq), time.time_ns()
+                meta["dropped_before"] = self.counters.dropped
+                first = next(iter(tensors.values()))
+                staged = Staged(tensors, torch.cuda.current_stream(first.device) if first.is_cuda else None)
+                staged.on_host = on_host
+                self._deliver(meta, staged, None, signal)
         if current_scope.get() is None:
             self.submit_pending()
             self._end_scope()
@@ -65,8 +64,7 @@ class GraphRecords:
         stamp = graphs.Registry.stamp(entry, state.meta)
         kept, verdicts = [], {}
         for slot in entry.slots:
-            meta = slot.meta
-            key = tuple(stamp[k] if k in stamp else meta.get(k) for k in ("step", "rank", "role"))
+            key = tuple(stamp[k] if k in stamp else slot.meta.get(k) for k in ("step", "rank", "role"))
             keeps = verdicts.get(key)
             if keeps is None:
                 keeps = verdicts[key] = self.filter.keeps_forward(*key)
@@ -77,25 +75,21 @@ class GraphRecords:
         if not kept:
             return
         scope_tensors = on_device(state.tensors, flat.device) if state.tensors else {}
-        stream = entry.stream if flat.is_cuda else None
-        replay = Replay(entry, kept, stamp, scope_tensors, time.time_ns(), self.counters.dropped, flat,
-                        entry.drained if flat.is_cuda else None, stream)
-        pending = self._local.__dict__.get("jobs")
-        if pending is None:
-            pending = self._local.jobs = []
-        pending.append(replay)
-        if len(pending) >= PENDING_JOBS:
-            self.submit_pending()
+        staged = Staged({"packed": flat, **scope_tensors}, entry.stream if flat.is_cuda else None)
+        staged.ready = entry.drained if flat.is_cuda else None  # after the copy: the writer's copy waits for it
+        self.pend(Replay(entry, kept, stamp, time.time_ns(), self.counters.dropped, staged))
 
-    def split_replay(self, carrier: Job) -> list[Job]:
+    def split_replay(self, replay: Replay) -> list[Job]:
         """Writer side, once a replay's copy is on the host: its records, views into that copy (they
         share its pinned lease), stamped and trimmed as `graphs.slot_records` says, stats finished."""
-        replay, staged = carrier.replay, carrier.staged
+        staged = replay.staged
         host = dict(staged.tensors)
-        flat = host.pop("packed")  # uint8 [total], numpy: the same memory as the lease
-        packed = torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat  # uint8 [total]
-        flat = flat if isinstance(flat, np.ndarray) else flat.numpy()
-        drained = graphs.host_slots(replay.entry, [slot for slot, _ in replay.kept], packed, flat)
+        flat = host.pop("packed")  # uint8 [total]: a numpy view of the lease (CUDA), or the CPU copy itself
+        if isinstance(flat, np.ndarray):
+            packed = torch.from_numpy(flat)  # uint8 [total], the same memory
+        else:
+            packed, flat = flat, flat.numpy()
+        drained = graphs.host_slots([slot for slot, _ in replay.kept], packed, flat)
         stamp = replay.stamp
         left_out = frozenset(stamp.keys() | set(RECORD_KEYS))  # what a slot's own JSON part leaves out
         stamp_json = meta_json({k: v for k, v in stamp.items() if k not in RECORD_KEYS})  # once per replay
@@ -103,15 +97,13 @@ class GraphRecords:
         for (meta, tensors, _, on_host), (slot, seq) in zip(graphs.slot_records(drained, stamp, host), replay.kept):
             meta["seq"], meta["time_ns"], meta["dropped_before"] = seq, replay.time_ns, replay.dropped
             own = tuple(key[5:] for key in tensors if key.startswith("meta:"))  # host_arrays adds them
-            base_json = None
-            if own and not (slot.meta.keys() | stamp.keys()).isdisjoint(own):
-                pass  # a tensor over a host value of the same key: the whole metadata is encoded
-            else:
+            base_json = None  # a tensor over a host value of the same key: the whole metadata is encoded
+            if not own or (slot.meta.keys() | stamp.keys()).isdisjoint(own):
                 slot_json = slot.json.get(left_out)
                 if slot_json is None:  # once per slot (and set of stamped keys)
                     slot_json = slot.json[left_out] = meta_json({k: v for k, v in slot.meta.items()
                                                                  if k not in left_out})
-                base_json = _joined(slot_json, stamp_json)
+                base_json = join_json(slot_json, stamp_json)
             if on_host is not None:
                 tensors = on_host(tensors)
             record = Staged(tensors)
@@ -119,15 +111,6 @@ class GraphRecords:
             jobs.append(Job(meta, record, self.full and "data" in tensors, base_json, own))
             yield_gil()
         if staged.lease is not None:
-            staged.lease.holders += len(jobs) - 1  # the carrier's share goes to its records
+            staged.lease.holders += len(jobs) - 1  # the replay's share of its lease goes to its records
         staged.tensors, staged.lease = {}, None
         return jobs
-
-
-def _joined(first: str, second: str) -> str:
-    """Two JSON objects with no key in common as one."""
-    if first == "{}":
-        return second
-    if second == "{}":
-        return first
-    return first[:-1] + "," + second[1:]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import math
 import threading
 
 import numpy as np
@@ -263,27 +264,33 @@ class Stager:
 
 def attach(records: list[Staged], lease: PinnedLease) -> None:
     """Each record's snapshots become views into the lease's buffer, where to_host packed them in order
-    (each starting ALIGN-aligned); every record holds a share of the lease. "data" stays a torch
-    tensor (its dtype may be one numpy lacks); the small stats parts and "meta:" tensors become numpy
-    views, a fraction of a microsecond each where a torch view costs several of the writer's GIL."""
+    (each starting ALIGN-aligned); every record holds a share of the lease."""
     offset = 0
     flat = lease.buffer.numpy()  # [size] uint8, the same memory
     for r in records:
         host = {}
         for key, snap in r.tensors.items():
             n = snap.numel() * snap.element_size()
-            as_numpy = NUMPY_DTYPES.get(snap.dtype) if key != "data" else None
-            if as_numpy is not None:
-                host[key] = flat[offset:offset + n].view(as_numpy).reshape(snap.shape)  # [*shape]
-            else:
-                host[key] = lease.buffer[offset:offset + n].view(snap.dtype).view(snap.shape)  # [*shape]
+            host[key] = host_view(key, snap.dtype, snap.shape, lease.buffer, flat, offset)
             offset += n + (-n % ALIGN)
         r.tensors, r.stream, r.ready, r.lease = host, None, None, lease
 
 
+def host_view(key: str, dtype: torch.dtype, shape, buffer: torch.Tensor, flat: np.ndarray, offset: int):
+    """The tensor `key` of `dtype` and `shape` at byte `offset` of a host buffer, given as torch (`buffer`)
+    and as numpy (`flat`, the same memory). "data" stays a torch tensor (its dtype may be one numpy
+    lacks); the small stats parts and "meta:" tensors are numpy views, a fraction of a microsecond each
+    where a torch view costs several of the writer's GIL."""
+    n = math.prod(shape) * dtype.itemsize
+    as_numpy = NUMPY_DTYPES.get(dtype) if key != "data" else None
+    if as_numpy is not None:
+        return flat[offset:offset + n].view(as_numpy).reshape(shape)  # [*shape]
+    return buffer[offset:offset + n].view(dtype).view(shape)  # [*shape]
+
+
 NUMPY_DTYPES = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
-          torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
-          torch.float64: np.float64}
+                torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16,
+                torch.float32: np.float32, torch.float64: np.float64}
 
 
 def pinned_empty(nbytes: int) -> torch.Tensor:

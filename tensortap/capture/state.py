@@ -16,6 +16,8 @@ PENDING_JOBS = 64  # a scope hands its records over at exit, or every this many
 MAX_NDIM = 8
 CLONE_NUMEL = 32768  # CPU tensors of fewer elements are snapshotted by clone(): below torch's parallel grain
 SCALARS = (int, str, float, bool)  # metadata values checked once per (key, type, value)
+FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
+PER_CALL = FORWARD | {"name", "point", "layer"}  # call metadata that makes the point's state its own
 
 
 class ScopeState:
@@ -51,3 +53,11 @@ DTYPE_NAMES: dict = {}
 def on_device(tensors: dict, device: torch.device) -> dict:
     """The scope snapshots that travel with a record on `device` (a record's tensors share one device)."""
     return {key: value for key, value in tensors.items() if value.device == device}
+
+
+def check_storable(name: str, tensor: torch.Tensor) -> None:
+    """Raise (one line, naming the point) for a tensor the format cannot store."""
+    if tensor.dim() > MAX_NDIM:
+        raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
+    if tensor.dtype not in DTYPE_NAMES:
+        dtype_of(tensor)  # raises for a dtype the format has no name for

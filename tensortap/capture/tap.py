@@ -42,17 +42,16 @@ from tensortap.capture.identity import discover_rank, run_identity
 from tensortap.capture.job import Job, record_count
 from tensortap.capture.lean import LeanRecords
 from tensortap.capture.replays import GraphRecords
+from tensortap.capture.seen import Seen, filter_text
 from tensortap.capture.staging import Staged, Stager
-from tensortap.capture.state import (DTYPE_NAMES, MAX_NDIM, PENDING_JOBS, SCALARS, ScopeState, current_scope,
-                                     dtype_of, on_device)
+from tensortap.capture.state import (FORWARD, PENDING_JOBS, PER_CALL, SCALARS, ScopeState, check_storable,
+                                     current_scope, dtype_of, on_device)
 from tensortap.capture.writer import Counters, Writer, make_sink
 from tensortap.config import TapConfig
 from tensortap.format import schema
 
 log = logging.getLogger("tensortap")
 
-_FORWARD = frozenset(("step", "role", "rank"))  # call metadata that changes the per-scope filter verdict
-_PER_CALL = _FORWARD | {"name", "point", "layer"}  # call metadata that makes the point's state its own
 _DROP = object()
 _WRITER_KEYS = frozenset(("stats", "stored"))  # record fields only the writer sets (caller values dropped)
 field_problem = schema.field_problem
@@ -72,13 +71,13 @@ class Tap(LeanRecords, GraphRecords):
         self._bytes_accepted = 0
         self._seq = itertools.count()
         self._names: dict[str, tuple] = {}  # name -> (layer, point, keeps_point) or (None, None, problem)
-        self._valid: set = set()  # (key, type, scalar value) the schema accepted
+        self._valid: set = set()  # (key, type, scalar value) the schema accepted (lean_record reads it too)
         self._rank: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._local = threading.local()  # per thread: jobs of the open scope, handed over at its exit
         self.excluded = 0  # point calls the filter rejected
-        self._seen: dict[str, set] = {"steps": set(), "roles": set(), "ranks": set(), "layers": set(), "points": set()}
+        self.seen = Seen()  # what the filter saw: for the message when nothing was written
         self.graphs = graphs.Registry(config.graph_bytes, self._warn_once, self.counters)
         self.recorder = (trigger.FlightRecorder(config, self._submit_now, self._trigger_record, self.counters,
                                                 self._warn_once) if config.trigger else None)
@@ -86,7 +85,6 @@ class Tap(LeanRecords, GraphRecords):
         self._data_always = self.full or self.recorder is not None or not self._device_stats  # no device stats
         self._lean_config = self.recorder is None and config.max_bytes is None  # Tap.lean_record may serve
         self.lean_ready = False  # ... once the writer is running and while capture goes on (budget, failure)
-        self._call_valid: set = set()  # (key, type, value) of point metadata valid and not in _PER_CALL
 
     # -- per scope ------------------------------------------------------------------------------------
     def enter(self, raw: dict, parent: ScopeState | None, validate_all: bool = False) -> ScopeState:
@@ -98,9 +96,9 @@ class Tap(LeanRecords, GraphRecords):
         meta = dict(parent.meta) if parent is not None else {}
         tensors = dict(parent.tensors) if parent is not None else {}
         capturing = self.graphs.active and self.graphs.capturing() is not None
-        if not capturing and not validate_all and not _FORWARD.isdisjoint(raw):
+        if not capturing and not validate_all and not FORWARD.isdisjoint(raw):
             trial = dict(meta)
-            for key in _FORWARD.intersection(raw):  # a bad value counts once, below
+            for key in FORWARD.intersection(raw):  # a bad value counts once, below
                 value = raw[key].item() if isinstance(raw[key], np.generic) else raw[key]
                 if field_problem(key, value) is None:
                     trial[key] = value
@@ -108,7 +106,7 @@ class Tap(LeanRecords, GraphRecords):
                     trial.pop(key, None)
             rank, world = self.rank_and_world(trial)
             if not self.filter.keeps_forward(trial.get("step"), rank, trial.get("role")):
-                self._note_rejected(trial.get("step"), trial.get("role"), rank)
+                self.seen.rejected(trial.get("step"), trial.get("role"), rank)
                 meta.update(raw)
                 return ScopeState(meta, tensors, rank, world, False, checked=False)
         given = []
@@ -126,7 +124,7 @@ class Tap(LeanRecords, GraphRecords):
         rank, world = self.rank_and_world(meta)
         keeps = self.filter.keeps_forward(meta.get("step"), rank, meta.get("role"))
         if not keeps:
-            self._note_rejected(meta.get("step"), meta.get("role"), rank)
+            self.seen.rejected(meta.get("step"), meta.get("role"), rank)
         if given and (keeps or capturing or validate_all):
             for key, value in given:
                 if value.is_cuda:
@@ -146,13 +144,6 @@ class Tap(LeanRecords, GraphRecords):
             bare = ScopeState({}, state.tensors, state.rank, state.world, state.keeps)
             state.validated = self.enter(state.meta, bare, validate_all=True)
         return state.validated
-
-    def _note_rejected(self, step, role, rank) -> None:
-        """What the filter saw and rejected, for the message when nothing at all was written."""
-        if len(self._seen["steps"]) < 4096:
-            self._seen["steps"].add(step)
-            self._seen["roles"].add(role)
-            self._seen["ranks"].add(rank)
 
     def _checked(self, key: str, value):
         """A metadata value as the record schema wants it, or _DROP (an error, reported once per key).
@@ -203,8 +194,7 @@ class Tap(LeanRecords, GraphRecords):
             return (None, None, f"tap point name {name!r} is not layers.<L>.attn.<point> with a point among "
                                 f"{', '.join(vocab.POINTS)}")
         layer = int(parts[1])
-        self._seen["layers"].add(layer)
-        self._seen["points"].add(point)
+        self.seen.name(layer, point)
         return (layer, point, self.filter.keeps_point(point, layer))
 
     # -- per call -------------------------------------------------------------------------------------
@@ -226,7 +216,7 @@ class Tap(LeanRecords, GraphRecords):
         scope = current_scope.get()
         state = scope or self.root()
         entry = self.graphs.capturing() if self.graphs.active else None
-        if meta and (entry is not None or not _PER_CALL.isdisjoint(meta)):
+        if meta and (entry is not None or not PER_CALL.isdisjoint(meta)):
             state, meta = self._with_call_meta(state, meta), None  # its own step, role, rank, name, ...
         if entry is None and not state.keeps:
             self.excluded += 1  # the scope's verdict stands: no work for its points
@@ -239,10 +229,7 @@ class Tap(LeanRecords, GraphRecords):
             return
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() > MAX_NDIM:
-            raise ValueError(f"{name}: {tensor.dim()} dimensions, at most {MAX_NDIM} are stored")
-        if tensor.dtype not in DTYPE_NAMES:
-            dtype_of(tensor)  # a dtype the format cannot store fails here, not in the writer
+        check_storable(name, tensor)  # a tensor the format cannot store fails here, not in the writer
         if entry is not None:
             self._record_in_graph(entry, name, layer, point, tensor, state)
             return
@@ -280,8 +267,6 @@ class Tap(LeanRecords, GraphRecords):
             kind = value.__class__
             if kind in SCALARS and (key, kind, value) in valid and not (tensors and "meta:" + key in tensors):
                 meta[key] = value  # the common case: a value the schema accepted before
-                if key not in _PER_CALL and len(self._call_valid) < 65536:
-                    self._call_valid.add((key, kind, value))  # lean_record takes it from now on
                 continue
             if isinstance(value, torch.Tensor):
                 if tensors is scope_tensors:
@@ -300,9 +285,6 @@ class Tap(LeanRecords, GraphRecords):
                 meta.pop(key, None)
             else:
                 meta[key] = value
-                if kind in SCALARS and value.__class__ is kind and key not in _PER_CALL \
-                        and len(self._call_valid) < 65536:
-                    self._call_valid.add((key, kind, value))  # lean_record takes it from now on
         return tensors
 
     def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
@@ -312,7 +294,7 @@ class Tap(LeanRecords, GraphRecords):
             state = self.validated(state)
         merged = dict(state.meta)
         tensors = self._put_call_meta(merged, state.tensors, meta)
-        if _FORWARD.isdisjoint(meta):
+        if FORWARD.isdisjoint(meta):
             return ScopeState(merged, tensors, state.rank, state.world, state.keeps)
         rank, world = self.rank_and_world(merged)
         return ScopeState(merged, tensors, rank, world,
@@ -368,12 +350,7 @@ class Tap(LeanRecords, GraphRecords):
                 return
         if self.writer is None:
             self._writer(meta["rank"], meta["world_size"])
-        pending = getattr(self._local, "jobs", None)
-        if pending is None:
-            pending = self._local.jobs = []
-        pending.append(Job(meta, staged, full))
-        if len(pending) >= PENDING_JOBS:
-            self.submit_pending()
+        self.pend(Job(meta, staged, full))
 
     @staticmethod
     def _where(watched: str, meta: dict, name: str, point: str, layer, rank) -> dict:
@@ -381,6 +358,16 @@ class Tap(LeanRecords, GraphRecords):
                     role=meta.get("role"), spec_pos=meta.get("spec_pos"), rank=rank)
 
     # -- hand-over ------------------------------------------------------------------------------------
+    def pend(self, job) -> None:
+        """Queue a Job, a lean record's tuple or a Replay on this thread; handed over at scope exit, or
+        once PENDING_JOBS wait."""
+        pending = self._local.__dict__.get("jobs")
+        if pending is None:
+            pending = self._local.jobs = []
+        pending.append(job)
+        if len(pending) >= PENDING_JOBS:
+            self.submit_pending()
+
     def submit_pending(self) -> None:
         """Hand this thread's jobs to the writer (at scope exit, at flush, or when enough are waiting)."""
         pending = getattr(self._local, "jobs", None)
@@ -393,7 +380,7 @@ class Tap(LeanRecords, GraphRecords):
                 raise
 
     def _submit_now(self, jobs: list) -> None:
-        Stager.mark_ready([job.staged for job in jobs if job.__class__ is Job])  # lean (CPU), Replay (has one)
+        Stager.mark_ready([job.staged for job in jobs if job.__class__ is not tuple])  # a lean record is CPU
         self.writer.submit(jobs)
 
     def _end_scope(self) -> None:
@@ -489,22 +476,7 @@ class Tap(LeanRecords, GraphRecords):
             self.writer.close(timeout)
         if self.counters.records == 0 and self.excluded:
             log.warning("tensortap: nothing was written: the filter (%s) excluded all %d tap point call(s); "
-                        "they had %s", self.filter_text(), self.excluded, self.seen_text())
-
-    def filter_text(self) -> str:
-        keys = self.config.to_json_dict()
-        return "; ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k in ("layers", "steps", "ranks",
-                         "points", "roles") if (v := keys.get(k)) is not None) or "none"
-
-    def seen_text(self) -> str:
-        def span(values) -> str:
-            values = sorted(v for v in values if v is not None)
-            ints = all(isinstance(v, int) for v in values)
-            if ints and len(values) > 4:
-                return f"{values[0]}-{values[-1]}"
-            return ",".join(str(v) for v in values) or "none"
-
-        return ", ".join(f"{key} {span(values)}" for key, values in self._seen.items() if values)
+                        "they had %s", filter_text(self.config), self.excluded, self.seen.text())
 
 
 def _from_parts_available() -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensortap.capture import frames
-from tensortap.capture.job import Job, record_count, record_json, yield_gil
+from tensortap.capture.job import Job, Replay, record_count, record_json, yield_gil
 from tensortap.capture.child import ChildError, ChildSink, SinkGone, child_sink_env  # noqa: F401  (re-exported)
 from tensortap.capture.staging import Stager
 from tensortap.format.codecs import encode
@@ -39,8 +39,6 @@ log = logging.getLogger("tensortap")
 
 MERGE_BYTES = 64 << 20  # batches queued behind each other are merged into one commit up to this size
 MERGE_JOBS = 64  # and records: a commit's dirty metadata stays well inside the metadata cache
-
-
 
 
 @dataclass
@@ -91,12 +89,8 @@ def host_arrays(job: Job) -> dict:
 
 
 def _nbytes(job) -> int:
-    """Bytes a job holds as handed over: a Job, a lean record's tuple (its snapshot) or a Replay."""
-    if job.__class__ is Job:
-        return job.staged.nbytes
-    if job.__class__ is tuple:
-        return job[4].nbytes
-    return job.nbytes
+    """Bytes a job holds as handed over: a lean record's tuple its snapshot's, a Job or a Replay its staged."""
+    return job[4].nbytes if job.__class__ is tuple else job.staged.nbytes
 
 
 # -- sinks ----------------------------------------------------------------------------------------------
@@ -162,8 +156,8 @@ class Writer:
     def __init__(self, make_sink, stager: Stager, queue_bytes: int, on_full: str, counters: Counters,
                  expand=None, on_failure=None, split=None):
         self.stager = stager
-        self.expand = expand  # a lean record (a tuple, Tap.lean_record) or a Replay -> its Job or None, here
-        self.split = split  # a Job carrying a Replay, its copy on the host -> the replay's records
+        self.expand = expand  # a lean record (a tuple, Tap.lean_record) -> its Job or None, on this thread
+        self.split = split  # a Replay, its copy on the host -> the replay's records (Tap.split_replay)
         self.on_failure = on_failure  # called once when capture stops
         self.queue_bytes = queue_bytes
         self.block = on_full == "block"
@@ -262,11 +256,10 @@ class Writer:
     def _write_batch(self, jobs: list) -> None:
         try:
             if self.expand is not None:
-                jobs = [job for job in (self.expand(j) if j.__class__ is not Job else j for j in jobs)
-                        if job is not None]
+                jobs = [job for job in (self.expand(j) if j.__class__ is tuple else j for j in jobs) if job is not None]
             self.stager.to_host([job.staged for job in jobs])
             if self.split is not None:  # a replay's drained copy, on the host: its records
-                jobs = [out for job in jobs for out in (self.split(job) if job.replay is not None else (job,))]
+                jobs = [out for job in jobs for out in (self.split(job) if job.__class__ is Replay else (job,))]
             yield_gil()
             arrays = []
             for job in jobs:
