@@ -120,6 +120,75 @@ def test_graph_replays_record_replayed_values_bit_exact_with_the_replay_step(tap
 
 
 @gpu
+def test_a_tapped_tensor_freed_inside_the_capture_keeps_its_memory_until_the_side_stream_read_it(tap_dir):
+    """The slot's copy runs on a side stream of the capture: the model freeing the tensor right after
+    the point must not let a later kernel of the graph reuse (and overwrite) its memory first."""
+    tensortap.configure(dir=tap_dir)
+    static_in = torch.zeros(256, 1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), tensortap.scope(step=-1, role="target", phase="capture"):
+        x = static_in * 3  # [256, 1024]
+        tensortap.point("layers.0.attn.hidden", x)
+        ptr = x.data_ptr()
+        del x
+        junk = torch.full_like(static_in, -1.0)  # would take x's block if the tap had not claimed it
+        junk.mul_(2)
+    assert junk.data_ptr() != ptr
+    want = {}
+    for step in range(4):
+        static_in.copy_(torch.randn(256, 1024))
+        want[step] = (static_in * 3).cpu()
+        with tensortap.scope(step=step, role="target"):
+            graph.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    for step in range(4):
+        assert torch.equal(d.get("hidden", step=step), want[step]), step
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["full", "stats"])
+def test_replays_drained_to_pinned_memory_by_the_model_thread_are_exact(tap_dir, mode, monkeypatch):
+    """Once the pinned pool holds a buffer of the graph's size class, the model's thread copies each
+    replay's slots straight to it; more than DIRECT_BYTES go through one device copy first. Values and
+    stats equal those of an eager run, every step; a scope tensor snapshotted before the capture (a
+    buffer outside the arena) is drained too."""
+    from tensortap.capture import graphs
+    from tensortap.format import stats as host_stats
+
+    calls = []
+    original = graphs.Registry.to_pinned
+    monkeypatch.setattr(graphs.Registry, "to_pinned", lambda self, g, lease: calls.append(1) or original(self, g, lease))
+    tensortap.configure(dir=tap_dir, mode=mode)
+    static_in = torch.zeros(128, 8, 512, device="cuda")  # 2 MiB of fp32: past DIRECT_BYTES in full mode
+    lens = torch.tensor([5, 7, 9], device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with tensortap.scope(seq_lens=lens):
+        with torch.cuda.graph(graph), tensortap.scope(step=-1, role="target", phase="capture"):
+            tensortap.point("layers.0.attn.partial_out", static_in * 2)
+            tensortap.point("layers.0.attn.lse", static_in[:, :, 0] + 1)
+    want = {}
+    for step in range(8):
+        static_in.copy_(torch.randn(128, 8, 512))
+        static_in[step, 3] = 0
+        want[step] = ((static_in * 2).cpu(), (static_in[:, :, 0] + 1).cpu())
+        with tensortap.scope(step=step, role="target"):
+            graph.replay()
+        tensortap.flush()  # the writer side primes the pinned pool between steps
+    tensortap.close()
+    assert calls, "later replays were copied to pinned memory on the model's thread"
+    d = tensortap.open(tap_dir)
+    for step, (out, lse) in want.items():
+        rec = d.record("partial_out", step=step)
+        assert rec.meta["seq_lens"] == [5, 7, 9]
+        if mode == "full":
+            assert torch.equal(rec.tensor(), out) and torch.equal(d.get("lse", step=step), lse), step
+        else:
+            stats, arrays = host_stats.compute(out.numpy(), "float32", "partial_out", keep_arrays=True)
+            assert rec.stats == {**rec.stats, **stats} and np.array_equal(rec.stats_array()["zeros"], arrays["zeros"])
+
+
+@gpu
 def test_two_graphs_of_different_batch_sizes_keep_their_slots_apart(tap_dir):
     tensortap.configure(dir=tap_dir)
     g2, in2, _ = capture_graph(2)

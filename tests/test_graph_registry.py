@@ -355,3 +355,57 @@ def test_a_replay_lost_or_dropped_counts_each_of_its_records(tmp_path):
     writer._queued_bytes = 90
     writer.submit([replay])
     assert counters.dropped == 3
+
+
+def test_slots_past_the_first_arena_chunk_replay_exactly(tap_dir, hooked):
+    """Slots fill the graph's arena chunk by chunk (64 KiB, then doubling); each replay drains all."""
+    tensortap.configure(dir=tap_dir)
+    g = FakeGraph()
+    sizes = {"q": (40, 256), "partial_out": (3, 7), "merged_out": (100, 256), "hidden": (5, 3)}  # fp32
+    g.capture_begin()
+    with tensortap.scope(step=-1, role="target", phase="capture"):
+        for point, shape in sizes.items():
+            tensortap.point(f"layers.3.attn.{point}", torch.zeros(shape))
+    g.capture_end()
+    entry = runtime._tap.graphs._graphs[id(g)]
+    assert [c.numel() for c in entry.chunks] == [graphs.MIN_CHUNK, 2 * graphs.MIN_CHUNK]
+    buffers = {slot.point: slot.buffers["data"] for slot in entry.slots}
+    assert all(graphs.Registry.in_arena(runtime._tap.graphs, entry, b) for b in buffers.values())
+    want = {}
+    for step in range(3):
+        want[step] = {p: torch.randn(shape) for p, shape in sizes.items()}
+        g.kernels = lambda s=step: [buffers[p].copy_(want[s][p]) for p in sizes]
+        with tensortap.scope(step=step, role="target"):
+            g.replay()
+    tensortap.close()
+    d = tensortap.open(tap_dir)
+    for step in range(3):
+        for point in sizes:
+            assert torch.equal(d.get(point, step=step), want[step][point]), (step, point)
+
+
+def test_the_drain_plan_places_arena_views_and_loose_buffers_once_each():
+    """Buffers outside the arena (scope snapshots made before the capture) are drained too, once however
+    many slots share them; past MAX_COPIES parts the plan is packed by one cat of aligned pieces."""
+    from tensortap.capture.writer import Counters
+
+    registry = graphs.Registry(1 << 30, lambda *a: None, Counters())
+    g = FakeGraph()
+    registry.begin(g)
+    entry = registry.capturing()
+    shared = torch.arange(3, dtype=torch.int64)  # [3]: one loose buffer in every slot
+    expected = []
+    for i in range(graphs.MAX_COPIES + 4):
+        data = registry.empty(entry, torch.device("cpu"), (i + 1,), torch.float32).copy_(torch.arange(i + 1.0))
+        loose = torch.full((i % 5 + 1,), i, dtype=torch.int16)  # odd byte counts: aligned in the plan
+        buffers = {"data": data, "meta:own": loose, "meta:shared": shared}
+        registry.add(entry, f"layers.0.attn.p{i}", "hidden", {}, buffers)
+        expected.append({k: v.clone() for k, v in buffers.items()})
+    registry.end(g)
+    assert len(entry.parts) == 1 + graphs.MAX_COPIES + 4 + 1 and entry.padded is not None
+    assert all(start % graphs.ALIGN == 0 for _, start in entry.parts)
+    drained = registry.drain(g)
+    for (slot, tensors), want in zip(drained, expected):
+        assert slot.offsets["meta:shared"] == drained[0][0].offsets["meta:shared"]
+        for key in want:
+            assert torch.equal(tensors[key], want[key]), (slot.name, key)

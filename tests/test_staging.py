@@ -238,3 +238,14 @@ def test_contiguous_snapshots_are_exact_byte_copies_of_offset_views(dtype):
         stager.recycle([staged])
     empty = stager.stage({"data": torch.empty(0, 64, dtype=dtype)}).tensors["data"]
     assert empty.shape == (0, 64) and empty.dtype == dtype
+
+
+def test_the_callers_pooled_lease_never_allocates_and_asks_the_writer_side_for_one(fake_pinned):
+    stager = Stager()
+    assert stager.pooled_lease(3000, holders=1) is None and fake_pinned == [], "the caller allocates no pinned memory"
+    assert stager.wanted == {MIN_PINNED_BYTES}
+    stager.to_host([])  # the writer side's next batch adds one of that size class to the pool
+    assert fake_pinned == [MIN_PINNED_BYTES] and stager.wanted == set()
+    lease = stager.pooled_lease(3000, holders=1)
+    assert lease is not None and lease.size == MIN_PINNED_BYTES and len(stager.pinned) == 0
+    assert stager.pooled_lease(3000, holders=1) is None, "the one pooled buffer is leased"

@@ -58,11 +58,13 @@ def parts(tensor: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
     return finish(partials(tensor, point))
 
 
-def partials(tensor: torch.Tensor, point: str, rows: bool = False) -> dict[str, torch.Tensor]:
+def partials(tensor: torch.Tensor, point: str, rows: bool = False, empty=None) -> dict[str, torch.Tensor]:
     """What the caller's stream computes for the parts of `tensor` (module docstring), on its device;
-    with `rows` (rows along dimension 0 of a tensor of at least one dimension), per row."""
+    with `rows` (rows along dimension 0 of a tensor of at least one dimension), per row. `empty(shape,
+    dtype)` makes the fused kernel's outputs (graph slots: views of the slot arena); torch's kernels
+    make their own."""
     if stats_kernel.usable(tensor, point):
-        return stats_kernel.cells(tensor, point)  # one kernel; per row, so it serves `rows` too
+        return stats_kernel.cells(tensor, point, empty)  # one kernel; per row, so it serves `rows` too
     return _torch_partials(tensor, point, rows)
 
 

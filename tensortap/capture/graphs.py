@@ -2,17 +2,20 @@
 
 A replay runs no Python, so a point reached while a graph is being captured does its work in the
 graph instead: a device-to-device copy of the tensor (or, with mode=stats, the small stats partials,
-per row where rows are tokens: device_stats.py) into tensors the tap owns. Those tensors live in the
-graph's memory pool and are rewritten by every replay. The tap registers them as one slot (name,
-metadata at capture, keys, bytes) of that graph.
+per row where rows are tokens: device_stats.py) into tensors the tap owns. That work is forked onto a
+side stream of the capture (joined back before capture_end), so the replayed graph runs it beside the
+model's kernels instead of between them. The slots' tensors are views of a few arena chunks the graph
+owns (its memory pool), rewritten by every replay; the tap registers them as one slot (name, metadata
+at capture, keys, bytes) of that graph.
 
     capture_begin(g)   this thread's points record slots of g (class-level hook)
-    capture_end(g)     g's slots are frozen into one drain plan: the flat byte views of every buffer
-    replay(g)          after the replay, one batched copy (torch.cat of the views) on the replay's
-                       stream, ordered before the next replay; each slot becomes a record stamped
-                       with the host scope active at the replay (step, role, spec_pos, phase,
-                       num_tokens, req_ids; rows past num_tokens are padding, trimmed), then takes
-                       the eager path: pinned host copy, writer.
+    capture_end(g)     the side stream is joined; g's slots are frozen into one drain plan: the used
+                       part of every arena chunk (and any buffer outside them) at its offset
+    replay(g)          after the replay, on a drain stream ordered after it: the plan's parts copied to
+                       pinned host memory (through one device copy when large, so that the next replay
+                       waits only for that), ordered before the next replay; each slot becomes a record
+                       stamped with the host scope active at the replay (step, role, spec_pos, phase,
+                       num_tokens, req_ids; rows past num_tokens are padding, trimmed) on the writer side.
 
 Graph-resident bytes count against `graph_bytes`; past it the tap says so once and skips the point
 (counted as graph_skipped). The hooks are installed on a class once, when a tap is enabled; with TAP
@@ -21,8 +24,10 @@ unset nothing is patched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -30,9 +35,14 @@ from dataclasses import dataclass, field
 import torch
 
 from tensortap.capture import device_stats, trigger
-from tensortap.capture.staging import host_view
+from tensortap.capture.staging import host_view, own_stream
 
 ALIGN = 16  # bytes: each buffer starts aligned in the drained copy, so views of any dtype work
+MIN_CHUNK = 64 << 10  # bytes: the first arena chunk of a graph; each next one doubles, up to MAX_CHUNK
+MAX_CHUNK = 16 << 20
+DIRECT_BYTES = 1 << 20  # drained copies up to this size go straight to pinned memory; larger ones are first
+# copied on the device (fast), so that the next replay waits for that copy only, not for the host's
+MAX_COPIES = 16  # a drain plan of more parts than this is packed by one cat instead of one copy each
 UNTRIMMED = ("kv_pages", "block_table")  # points whose dimension 0 is not the token
 
 
@@ -51,14 +61,18 @@ class Slot:
 
 @dataclass
 class GraphSlots:
-    """The slots of one captured graph and its drain plan."""
+    """The slots of one captured graph, the arena chunks they live in and its drain plan."""
 
     index: int  # stamped on its records as `graph`
     slots: list = field(default_factory=list)
     nbytes: int = 0
-    views: list | None = None  # flat uint8 views (and alignment pads) of every buffer, in slot order
+    chunks: list = field(default_factory=list)  # uint8 [size] each, written by the graph
+    fill: list = field(default_factory=list)  # bytes used of each chunk
+    forked: dict = field(default_factory=dict)  # device index -> the side stream its capture forked onto
+    parts: list | None = None  # [(flat uint8 view the graph writes, its offset in the drained copy)]
+    padded: list | None = None  # the parts with alignment pads, for one cat: when there are many parts
     total: int = 0
-    drained: torch.cuda.Event | None = None  # after the last drain
+    drained: torch.cuda.Event | None = None  # after the last drain read the slots
     stream: object = None  # the stream of the last drain
 
 
@@ -91,39 +105,118 @@ class Registry:
         """The graph this thread is capturing through a hooked class, if any."""
         return getattr(self._local, "capturing", None)
 
+    def fits(self, name: str, nbytes: int) -> bool:
+        """Is there room for `nbytes` more of slots under the budget? Past it: counted, said once."""
+        if self.bytes + nbytes <= self.budget:
+            return True
+        self._counters.graph_skipped += 1
+        self._warn("graph_bytes", "tensortap: graph_bytes=%d reached (%d bytes in CUDA-graph slots); "
+                   "further tap points inside graphs are skipped (%s); raise graph_bytes or narrow the filter",
+                   self.budget, self.bytes, name)
+        return False
+
     def add(self, entry: GraphSlots, name: str, point: str, meta: dict, buffers: dict) -> bool:
         """Register a slot whose buffers the graph writes; False (and counted) past the budget."""
         nbytes = sum(b.numel() * b.element_size() for b in buffers.values())
-        if self.bytes + nbytes > self.budget:
-            self._counters.graph_skipped += 1
-            self._warn("graph_bytes", "tensortap: graph_bytes=%d reached (%d bytes in CUDA-graph slots); "
-                       "further tap points inside graphs are skipped (%s); raise graph_bytes or narrow the filter",
-                       self.budget, self.bytes, name)
+        if not self.fits(name, nbytes):
             return False
         self.bytes += nbytes
         entry.slots.append(Slot(name, point, meta, buffers, nbytes))
         entry.nbytes += nbytes
         return True
 
+    def empty(self, entry: GraphSlots, device: torch.device, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype` in the graph's arena on `device` (ALIGN-aligned):
+        a view of its last chunk, or of a new one (MIN_CHUNK, doubling up to MAX_CHUNK, or the size asked)."""
+        n = math.prod(shape) * dtype.itemsize
+        chunk = entry.chunks[-1] if entry.chunks else None
+        start = entry.fill[-1] + (-entry.fill[-1] % ALIGN) if entry.fill else 0
+        if chunk is None or chunk.device != torch.device(device) or start + n > chunk.numel():
+            grown = min(MAX_CHUNK, 2 * chunk.numel()) if chunk is not None else MIN_CHUNK
+            chunk = torch.empty(max(n, grown), dtype=torch.uint8, device=device)  # [size]
+            entry.chunks.append(chunk)
+            entry.fill.append(0)
+            start = 0
+        entry.fill[-1] = start + n
+        return chunk[start:start + n].view(dtype).view(shape)  # [*shape]
+
+    def in_arena(self, entry: GraphSlots, tensor: torch.Tensor) -> bool:
+        """Is `tensor` a view of one of the graph's arena chunks?"""
+        ptr = tensor.data_ptr()
+        return any(c.device == tensor.device and c.data_ptr() <= ptr < c.data_ptr() + c.numel() for c in entry.chunks)
+
+    @contextlib.contextmanager
+    def side_work(self, entry: GraphSlots, tensor: torch.Tensor):
+        """Inside a capture, run the body on this thread's side stream of the tensor's device, forked
+        after what the current stream has done so far: the graph runs it beside the model's kernels.
+        The side stream is joined back into the capture at capture_end (`join`). On the CPU: as is."""
+        if not tensor.is_cuda:
+            yield
+            return
+        device = tensor.device
+        sides = self._local.__dict__.setdefault("sides", {})
+        side = sides.get(device.index)
+        if side is None:
+            side = sides[device.index] = own_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        tensor.record_stream(side)  # its memory is not reused in this capture before the side stream reads it
+        entry.forked[device.index] = side
+        with torch.cuda.stream(side):
+            yield
+
+    def snapshot(self, entry: GraphSlots, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` in the graph's arena, made on the side stream (scope metadata tensors)."""
+        with self.side_work(entry, tensor):
+            out = self.empty(entry, tensor.device, tensor.shape, tensor.dtype)  # [*shape]
+            out.copy_(tensor)
+        return out
+
+    def join(self, graph) -> None:
+        """Before capture_end: the capture's stream waits for the side streams its points forked onto."""
+        entry = self._graphs.get(id(graph))
+        if entry is None:
+            return
+        for index, side in entry.forked.items():
+            torch.cuda.current_stream(index).wait_stream(side)
+        entry.forked.clear()
+
     def end(self, graph) -> None:
-        """capture_end: freeze the drain plan (outside the capture: the pads are ordinary tensors)."""
+        """capture_end: freeze the drain plan: the used part of each chunk, then each buffer outside the
+        chunks (once, however many slots share it), each at an ALIGN-aligned offset of the drained copy."""
         entry = self._graphs.get(id(graph))
         if getattr(self._local, "capturing", None) is not None:
             self._local.capturing = None
             self.active -= 1
         if entry is None or not entry.slots:
             return
-        views, offset = [], 0
+        parts, offset, bases = [], 0, []
+        for chunk, used in zip(entry.chunks, entry.fill):
+            bases.append((chunk.device, chunk.data_ptr(), chunk.data_ptr() + used, offset))
+            parts.append((chunk[:used], offset))  # [used] uint8
+            offset += used + (-used % ALIGN)
+        loose: dict[int, int] = {}
         for slot in entry.slots:
             for key, buf in slot.buffers.items():
-                raw = buf.reshape(-1).view(torch.uint8)  # [n]: the graph's buffer itself, not a copy
-                slot.offsets[key] = offset
-                pad = -raw.numel() % ALIGN
-                views.append(raw)
-                if pad:
-                    views.append(torch.empty(pad, dtype=torch.uint8, device=raw.device))
-                offset += raw.numel() + pad
-        entry.views, entry.total = views, offset
+                ptr = buf.data_ptr()
+                base = next((b for b in bases if b[0] == buf.device and b[1] <= ptr < b[2]), None)
+                if base is not None and buf.numel():
+                    slot.offsets[key] = base[3] + ptr - base[1]
+                    continue
+                if id(buf) not in loose:
+                    raw = buf.reshape(-1).view(torch.uint8)  # [n]: the graph's buffer itself, not a copy
+                    loose[id(buf)] = offset
+                    parts.append((raw, offset))
+                    offset += raw.numel() + (-raw.numel() % ALIGN)
+                slot.offsets[key] = loose[id(buf)]
+        entry.parts, entry.total = parts, offset
+        entry.padded = None
+        if len(parts) > MAX_COPIES:
+            padded = []
+            for raw, start in parts:
+                padded.append(raw)
+                if -raw.numel() % ALIGN:
+                    padded.append(torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device))
+            entry.padded = padded
 
     # -- replay ------------------------------------------------------------------------------------------
     def before_replay(self, graph) -> None:
@@ -135,18 +228,49 @@ class Registry:
                 stream.wait_event(entry.drained)
 
     def pack(self, graph) -> tuple[GraphSlots, torch.Tensor] | None:
-        """After a replay: one batched copy of every slot on the replay's stream, ordered (an event)
-        before the next replay overwrites them; (the graph's slots, the copy uint8 [total]). None when
-        the graph has no slots."""
+        """After a replay: one copy of every slot on the replay's stream, ordered (an event) before the
+        next replay overwrites them; (the graph's slots, the copy uint8 [total]). None when the graph
+        has no slots."""
         entry = self._graphs.get(id(graph))
-        if entry is None or not entry.views:
+        if entry is None or not entry.parts:
             return None
-        packed = torch.cat(entry.views) if len(entry.views) > 1 else entry.views[0].clone()  # [total] uint8
+        packed = _packed(entry)  # [total] uint8
         if packed.is_cuda:
             entry.stream = torch.cuda.current_stream(packed.device)
             entry.drained = torch.cuda.Event()
             entry.drained.record(entry.stream)
         return entry, packed
+
+    def to_pinned(self, graph, lease) -> tuple[GraphSlots, torch.cuda.Event] | None:
+        """After a replay of a CUDA graph: its slots copied into the pinned buffer `lease.buffer` on this
+        thread's drain stream, ordered after the replay and (an event) before the next one; (the graph's
+        slots, the event after the host copy). None when the graph has no slots."""
+        entry = self._graphs.get(id(graph))
+        if entry is None or not entry.parts:
+            return None
+        device = entry.parts[0][0].device
+        drains = self._local.__dict__.setdefault("drains", {})
+        drain = drains.get(device.index)
+        if drain is None:
+            drain = drains[device.index] = own_stream(device)
+        drain.wait_stream(torch.cuda.current_stream(device))
+        host = lease.buffer
+        with torch.cuda.stream(drain):
+            if entry.total > DIRECT_BYTES or entry.padded is not None:
+                packed = _packed(entry)  # [total] uint8, allocated on the drain stream: reused only after the copy
+                if entry.total > DIRECT_BYTES:
+                    entry.drained = torch.cuda.Event()
+                    entry.drained.record(drain)  # what the next replay waits for: the device copy
+                host[:entry.total].copy_(packed, non_blocking=True)  # [total]
+            else:
+                for raw, start in entry.parts:
+                    host[start:start + raw.numel()].copy_(raw, non_blocking=True)  # [n]
+            done = torch.cuda.Event(blocking=True)  # the writer sleeps in synchronize(), not spins
+            done.record(drain)
+        if entry.total <= DIRECT_BYTES:
+            entry.drained = done
+        entry.stream = drain
+        return entry, done
 
     def drain(self, graph) -> list[tuple[Slot, dict]] | None:
         """`pack`, then per slot its tensors (views into the copy). None when the graph has no slots."""
@@ -185,6 +309,9 @@ class Registry:
             return
         entry = self._graphs[id(graph)]
         yield from slot_records(drained, self.stamp(entry, stamp), scope_tensors)
+
+    def entry(self, graph) -> GraphSlots | None:
+        return self._graphs.get(id(graph))
 
     def index_of(self, graph) -> int | None:
         entry = self._graphs.get(id(graph))
@@ -238,13 +365,13 @@ def real_rows(point: str, shape: list | None, tokens) -> int | None:
     return tokens if 0 <= tokens < shape[0] else None
 
 
-def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point: str = "") -> dict:
-    """The buffers of a new slot, made inside the capture: a copy of "data" (stats partials and "meta:"
-    snapshots are fresh tensors already) and, for a watched point, its trigger signal: per row
-    ("signal:rows", reduced after the replay over the real rows only) when its rows are tokens, else
-    the signal itself [1]."""
-    if "data" in tensors:
-        tensors["data"] = tensors["data"].detach().clone(memory_format=torch.contiguous_format)  # a graph node
+def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point: str = "", empty=None,
+                 in_arena=None) -> dict:
+    """The buffers of a new slot, made inside the capture: "data" copied, the stats partials and, for a
+    watched point, its trigger signal: per row ("signal:rows", reduced after the replay over the real
+    rows only) when its rows are tokens, else the signal itself [1]. With `empty(shape, dtype)` (the
+    graph's arena) every buffer not in it yet (`in_arena(t)`) is copied there; "meta:" snapshots made
+    outside the capture stay where they are."""
     if watched is not None:
         pieces = trigger.row_signal(watched, tensor) if by_rows(point, tensor) else None
         if pieces is not None:
@@ -253,12 +380,30 @@ def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point
             value = trigger.signal(watched, tensor)
             if value is not None:
                 tensors["signal"] = value.view(1)  # [1]
+    for key, value in tensors.items():
+        if key == "data" or (empty is not None and not key.startswith("meta:") and not in_arena(value)):
+            copy = empty(value.shape, value.dtype) if empty is not None else torch.empty_like(
+                value, memory_format=torch.contiguous_format)  # [*shape]
+            tensors[key] = copy.copy_(value.detach())  # a graph node
     return tensors
 
 
 def _current_stream(entry: GraphSlots):
-    device = entry.views[0].device if entry.views else None
+    device = entry.parts[0][0].device if entry.parts else None
     return torch.cuda.current_stream(device)
+
+
+def _packed(entry: GraphSlots) -> torch.Tensor:
+    """The drain plan's parts in one new buffer uint8 [total] on the current stream: one cat when
+    there are many parts, else one copy each (a single part at offset 0: one clone)."""
+    if entry.padded is not None:
+        return torch.cat(entry.padded)  # [total]
+    if len(entry.parts) == 1 and entry.parts[0][0].numel() == entry.total:
+        return entry.parts[0][0].clone()  # [total]
+    packed = torch.empty(entry.total, dtype=torch.uint8, device=entry.parts[0][0].device)  # [total]
+    for raw, start in entry.parts:
+        packed[start:start + raw.numel()].copy_(raw)  # [n]
+    return packed
 
 
 # -- class-level hooks --------------------------------------------------------------------------------------
@@ -266,8 +411,8 @@ _hooked: set = set()
 
 
 def install(cls, hooks) -> bool:
-    """Wrap cls.capture_begin / capture_end / replay once. `hooks` has begin(graph), end(graph),
-    before_replay(graph), after_replay(graph); each is a no-op when no tap is active. Returns whether
+    """Wrap cls.capture_begin / capture_end / replay once. `hooks` has begin(graph), join(graph) (before
+    capture_end), end(graph), before_replay(graph), after_replay(graph); each is a no-op when no tap is active. Returns whether
     the class was patched now."""
     if cls in _hooked or not all(hasattr(cls, m) for m in ("capture_begin", "capture_end", "replay")):
         return False
@@ -279,6 +424,7 @@ def install(cls, hooks) -> bool:
         return result
 
     def capture_end(self, *args, **kwargs):
+        hooks.join(self)
         try:
             return end(self, *args, **kwargs)
         finally:

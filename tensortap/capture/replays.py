@@ -8,12 +8,13 @@ replay's records are made here one by one.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
 import torch
 
-from tensortap.capture import graphs, trigger
+from tensortap.capture import device_stats, graphs, stats_kernel, trigger
 from tensortap.capture.job import RECORD_KEYS, Job, Replay, join_json, meta_json, yield_gil
 from tensortap.capture.staging import Staged
 from tensortap.capture.state import ScopeState, current_scope, dtype_of, on_device
@@ -24,9 +25,24 @@ class GraphRecords:
 
     def _record_in_graph(self, entry, name: str, layer: int, point: str, tensor: torch.Tensor,
                          state: ScopeState) -> None:
-        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself."""
+        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself, on
+        the capture's side stream, into the graph's arena."""
+        scope_tensors = on_device(state.tensors, tensor.device)
+        keeps_data = self._keeps_data(tensor)
+        made = tensor.nbytes if keeps_data else stats_kernel.layout_bytes(tensor, point) if \
+            stats_kernel.usable(tensor, point) else 0  # what the slot will hold, known before it is made
+        if not self.graphs.fits(name, made + sum(t.nbytes for t in scope_tensors.values())):
+            return
         watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None
-        buffers = graphs.slot_buffers(self._tensors(tensor, point, state), tensor, watched, point)
+        empty = functools.partial(self.graphs.empty, entry, tensor.device)
+        with self.graphs.side_work(entry, tensor):
+            if keeps_data:
+                tensors = {"data": tensor}
+            else:
+                tensors = device_stats.partials(tensor, point, graphs.by_rows(point, tensor), empty)
+            tensors.update(scope_tensors)
+            buffers = graphs.slot_buffers(tensors, tensor, watched, point, empty,
+                                          functools.partial(self.graphs.in_arena, entry))
         meta = dict(state.meta)
         meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=dtype_of(tensor),
                     shape=list(tensor.shape))
@@ -56,11 +72,11 @@ class GraphRecords:
             self._end_scope()
 
     def _hand_over_replay(self, graph, state: ScopeState) -> None:
-        """The model's thread per replay: one copy of the slots, the filter per slot, one Replay queued."""
-        packed = self.graphs.pack(graph)
-        if packed is None:
+        """The model's thread per replay: the filter per slot, one copy of the slots (of a CUDA graph:
+        straight to pinned host memory, on a drain stream), one Replay queued."""
+        entry = self.graphs.entry(graph)
+        if entry is None or not entry.parts:
             return
-        entry, flat = packed
         stamp = graphs.Registry.stamp(entry, state.meta)
         kept, verdicts = [], {}
         for slot in entry.slots:
@@ -74,15 +90,26 @@ class GraphRecords:
                 self.excluded += 1
         if not kept:
             return
-        scope_tensors = on_device(state.tensors, flat.device) if state.tensors else {}
-        staged = Staged({"packed": flat, **scope_tensors}, entry.stream if flat.is_cuda else None)
-        staged.ready = entry.drained if flat.is_cuda else None  # after the copy: the writer's copy waits for it
+        device = entry.parts[0][0].device
+        scope_tensors = on_device(state.tensors, device) if state.tensors else {}
+        lease = self.stager.pooled_lease(entry.total, 1) if device.type == "cuda" and not scope_tensors else None
+        if lease is not None:  # the host copy is made here; the writer waits for `ready` (split_replay)
+            _, done = self.graphs.to_pinned(graph, lease)
+            staged = Staged({"packed": lease.buffer[:entry.total]})
+            staged.lease, staged.ready = lease, done
+        else:  # no pooled pinned buffer of that size yet, or scope tensors: the writer copies to the host
+            _, flat = self.graphs.pack(graph)
+            staged = Staged({"packed": flat, **scope_tensors}, entry.stream if flat.is_cuda else None)
+            staged.ready = entry.drained if flat.is_cuda else None  # after the copy: the writer's copy waits for it
         self.pend(Replay(entry, kept, stamp, time.time_ns(), self.counters.dropped, staged))
 
     def split_replay(self, replay: Replay) -> list[Job]:
         """Writer side, once a replay's copy is on the host: its records, views into that copy (they
         share its pinned lease), stamped and trimmed as `graphs.slot_records` says, stats finished."""
         staged = replay.staged
+        if staged.stream is None and staged.ready is not None:  # copied to pinned memory by the model's thread
+            staged.ready.synchronize()
+            staged.ready = None
         host = dict(staged.tensors)
         flat = host.pop("packed")  # uint8 [total]: a numpy view of the lease (CUDA), or the CPU copy itself
         if isinstance(flat, np.ndarray):

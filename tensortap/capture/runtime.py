@@ -33,6 +33,10 @@ class _GraphHooks:
         _GraphHooks._guarded("begin", graph)
 
     @staticmethod
+    def join(graph) -> None:
+        _GraphHooks._guarded("join", graph)
+
+    @staticmethod
     def end(graph) -> None:
         _GraphHooks._guarded("end", graph)
 

@@ -137,6 +137,7 @@ class Stager:
         self._giving = threading.Lock()  # recycle: the writer thread and a reply thread may both give back
         self.snapshots = FreeLists(snapshot_bytes)
         self.pinned = FreeLists(pinned_bytes)
+        self.wanted: set = set()  # pinned size classes a caller found none of (pooled_lease)
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
         """Snapshot `tensors` (all on one device) on the caller's thread or stream; on the CPU into
@@ -193,10 +194,21 @@ class Stager:
     def pinned_lease(self, nbytes: int, holders: int) -> PinnedLease:
         """A pinned buffer of at least `nbytes` for `holders` records: from the pool, else allocated in
         its size class (the smallest power of two >= nbytes, at least MIN_PINNED_BYTES)."""
-        size = max(MIN_PINNED_BYTES, 1 << max(0, nbytes - 1).bit_length())
+        size = size_class(nbytes)
         buffer = self.pinned.take(size)
         if buffer is None:
             buffer = pinned_empty(size)  # [size] uint8
+        return PinnedLease(buffer, size, holders)
+
+    def pooled_lease(self, nbytes: int, holders: int) -> PinnedLease | None:
+        """A pinned buffer of at least `nbytes` from the pool, or None when it holds none of that size
+        class. The caller's thread never allocates pinned memory (it can take milliseconds): it asks the
+        writer side to add one of that class to the pool at its next batch (`to_host`)."""
+        size = size_class(nbytes)
+        buffer = self.pinned.take(size)
+        if buffer is None:
+            self.wanted.add(size)
+            return None
         return PinnedLease(buffer, size, holders)
 
     @staticmethod
@@ -214,6 +226,10 @@ class Stager:
     def to_host(self, batch: list[Staged]) -> None:
         """Writer side: the snapshots of many records to pinned host memory, one copy per device; then
         each record's `on_host` (device stats: the parts from their partials) runs on its host tensors."""
+        while self.wanted:
+            size = self.wanted.pop()
+            with self._giving:
+                self.pinned.give(size, pinned_empty(size), size)
         by_device: dict[torch.device, list[Staged]] = {}
         for staged in batch:
             if staged.stream is not None:
@@ -258,7 +274,7 @@ class Stager:
         stream = self._streams.get(index)
         if stream is None:
             with self._lock:
-                stream = self._streams.setdefault(index, torch.cuda.Stream(device=index))
+                stream = self._streams.setdefault(index, own_stream(index))
         return stream
 
 
@@ -293,6 +309,12 @@ NUMPY_DTYPES = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8
                 torch.float32: np.float32, torch.float64: np.float64}
 
 
+def size_class(nbytes: int) -> int:
+    """The pinned pool's size class for `nbytes`: the smallest power of two >= nbytes, at least
+    MIN_PINNED_BYTES."""
+    return max(MIN_PINNED_BYTES, 1 << max(0, nbytes - 1).bit_length())
+
+
 def pinned_empty(nbytes: int) -> torch.Tensor:
     """Page-locked host memory: uint8 [nbytes]."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -317,6 +339,22 @@ def relax_capture_mode() -> None:
     function = _cudart_symbol("cudaThreadExchangeStreamCaptureMode")
     if function is not None:
         function(ctypes.byref(ctypes.c_int(_CAPTURE_MODE_RELAXED)))
+
+
+def own_stream(device) -> "torch.cuda.Stream":
+    """A CUDA stream of the tap's own on `device`, not one of torch's pooled streams: torch hands out 32
+    per device round-robin, so a pooled stream can be the very one a model captures a graph on (torch's
+    default capture stream is pooled too), and the tap's work on it would join that capture. Falls back
+    to a pooled stream where the runtime function cannot be found."""
+    index = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    create = _cudart_symbol("cudaStreamCreateWithFlags")
+    if create is None:
+        return torch.cuda.Stream(device=index)
+    with torch.cuda.device(index):
+        handle = ctypes.c_void_p()
+        if create(ctypes.byref(handle), 1) != 0:  # cudaStreamNonBlocking
+            return torch.cuda.Stream(device=index)
+    return torch.cuda.ExternalStream(handle.value, device=index)
 
 
 def _cudart_symbol(name: str):

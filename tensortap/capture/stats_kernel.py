@@ -23,6 +23,9 @@ CUDA-graph capture only once the variant is compiled (a compile there could brea
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from tensortap import vocab
@@ -52,42 +55,67 @@ def usable(tensor: torch.Tensor, point: str) -> bool:
     return True
 
 
-def cells(tensor: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
-    """The partials of `tensor` at `point` per (row, group, chunk), from one kernel (module docstring)."""
+def layout(tensor: torch.Tensor, point: str) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The outputs `cells` makes for `tensor` at `point`: key -> (shape, dtype) (module docstring); empty
+    for uint8/bool outside the row points (no stats)."""
     head, index, hashed = _point_kind(tensor, point)
     is_float = tensor.dtype in _FLOATS
     has_minmax = not is_float and tensor.dtype not in _NO_MINMAX
-    if not (is_float or has_minmax or hashed):
-        return {}  # uint8/bool outside the row points: no stats
     rows = tensor.shape[0]
     groups = tensor.shape[1] if head else 1
     width = tensor.numel() // (rows * groups)  # D: elements per cell
-    chunks = -(-width // CHUNK)
+    grid = (rows, groups, -(-width // CHUNK))  # (T, G, C)
+    out = {}
+    if is_float:
+        out["buckets"], out["absmax"] = (grid + (4,), torch.int32), (grid, torch.float32)
+    if has_minmax:
+        out["min"] = out["max"] = (grid, torch.int64)
+    if head and is_float:
+        out["sumsq"], out["zeros"] = (grid, torch.float64), (grid, torch.int32)
+    if index and has_minmax:
+        out["valid"] = (grid, torch.int32)
+    if hashed:
+        out["hash"] = (grid, torch.int64)
+    return out
+
+
+def layout_bytes(tensor: torch.Tensor, point: str) -> int:
+    """Bytes of the outputs `cells` makes for `tensor` at `point`."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout(tensor, point).values())
+
+
+def cells(tensor: torch.Tensor, point: str, empty=None) -> dict[str, torch.Tensor]:
+    """The partials of `tensor` at `point` per (row, group, chunk), from one kernel (module docstring).
+    `empty(shape, dtype)` makes each output (inside a CUDA graph: views of the tap's slot arena);
+    by default torch.empty on the tensor's device."""
+    shapes = layout(tensor, point)
+    if not shapes:
+        return {}  # uint8/bool outside the row points: no stats
+    head, index, hashed = _point_kind(tensor, point)
+    is_float = tensor.dtype in _FLOATS
+    has_minmax = not is_float and tensor.dtype not in _NO_MINMAX
+    rows, groups, chunks = next(iter(shapes.values()))[0][:3]
+    width = tensor.numel() // (rows * groups)  # D: elements per cell
     flat = tensor.contiguous().view(-1)  # [N]
     bits = flat.view(_SIGNED[flat.element_size()])  # [N]: the elements as signed integers of their width
     device = tensor.device
-    grid_shape = (rows, groups, chunks)
-    out = {}
-    empty = torch.empty(0, device=device)
-    buckets = torch.empty(grid_shape + (4,), dtype=torch.int32, device=device) if is_float else empty
-    absmax = torch.empty(grid_shape, dtype=torch.float32, device=device) if is_float else empty
-    low = torch.empty(grid_shape, dtype=torch.int64, device=device) if has_minmax else empty
-    high = torch.empty(grid_shape, dtype=torch.int64, device=device) if has_minmax else empty
-    sumsq = torch.empty(grid_shape, dtype=torch.float64, device=device) if head and is_float else empty
-    zeros = torch.empty(grid_shape, dtype=torch.int32, device=device) if head and is_float else empty
-    valid = torch.empty(grid_shape, dtype=torch.int32, device=device) if index and has_minmax else empty
-    digest = torch.empty(grid_shape, dtype=torch.int64, device=device) if hashed else empty
+    if empty is None:
+        empty = functools.partial(_empty_on, device)
+    out = {"cells:" + key: empty(shape, dtype) for key, (shape, dtype) in shapes.items()}
+    unused = torch.empty(0, device=device)
+    buckets, absmax, low, high, sumsq, zeros, valid, digest = (
+        out.get("cells:" + key, unused) for key in ("buckets", "absmax", "min", "max", "sumsq", "zeros", "valid", "hash"))
     float_kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(tensor.dtype, 0)
     _get_kernel()[(rows * groups, chunks)](
         bits, width, chunks, buckets, absmax, low, high, sumsq, zeros, valid, digest,
         IS_FLOAT=is_float, FLOAT_KIND=float_kind, MINMAX=has_minmax, HEAD=head and is_float,
         INDEX=index and has_minmax, HASH=hashed, CHUNK=CHUNK, BLOCK=BLOCK)
     _compiled.add(_variant(tensor, (head, index, hashed)))
-    for key, value in (("buckets", buckets), ("absmax", absmax), ("min", low), ("max", high), ("sumsq", sumsq),
-                       ("zeros", zeros), ("valid", valid), ("hash", digest)):
-        if value.numel():
-            out["cells:" + key] = value
     return out
+
+
+def _empty_on(device: torch.device, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _point_kind(tensor: torch.Tensor, point: str) -> tuple[bool, bool, bool]:

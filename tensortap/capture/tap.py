@@ -128,7 +128,7 @@ class Tap(LeanRecords, GraphRecords):
         if given and (keeps or capturing or validate_all):
             for key, value in given:
                 if value.is_cuda:
-                    tensors["meta:" + key] = value.detach().clone()  # once per scope; in a graph: a slot
+                    tensors["meta:" + key] = self._meta_snapshot(value)  # once per scope
                 else:
                     self._set_checked(meta, key, value.tolist())
         state = ScopeState(meta, tensors, rank, world, keeps)
@@ -273,7 +273,7 @@ class Tap(LeanRecords, GraphRecords):
                     tensors = dict(tensors)
                 meta.pop(key, None)
                 if value.is_cuda:
-                    tensors["meta:" + key] = value.detach().clone()  # in a graph capture: a slot
+                    tensors["meta:" + key] = self._meta_snapshot(value)
                 else:
                     self._set_checked(meta, key, value.tolist())
                 continue
@@ -287,6 +287,14 @@ class Tap(LeanRecords, GraphRecords):
                 meta[key] = value
         return tensors
 
+    def _meta_snapshot(self, value: torch.Tensor) -> torch.Tensor:
+        """A device tensor given as metadata, copied: inside a graph capture into the graph's arena (the
+        graph rewrites it at every replay), else by a clone on the caller's stream."""
+        entry = self.graphs.capturing() if self.graphs.active else None
+        if entry is None:
+            return value.detach().clone()
+        return self.graphs.snapshot(entry, value.detach())
+
     def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
         """A point's own metadata over its scope's, as a state of its own: validated, its tensors
         snapshotted per call; rank and filter verdict recomputed only when it sets step, role or rank."""
@@ -299,17 +307,6 @@ class Tap(LeanRecords, GraphRecords):
         rank, world = self.rank_and_world(merged)
         return ScopeState(merged, tensors, rank, world,
                           self.filter.keeps_forward(merged.get("step"), rank, merged.get("role")))
-
-    def _tensors(self, tensor: torch.Tensor, point: str, state: ScopeState) -> dict:
-        """What a record inside a graph carries: "data" (the tensor) or its stats partials, per row where
-        its rows are tokens (a replay's num_tokens trims them), and the scope's "meta:*" snapshots on the
-        same device."""
-        if self._keeps_data(tensor):
-            tensors = {"data": tensor}
-        else:
-            tensors = device_stats.partials(tensor, point, rows=graphs.by_rows(point, tensor))
-        tensors.update(on_device(state.tensors, tensor.device))
-        return tensors
 
     def _keeps_data(self, tensor: torch.Tensor) -> bool:
         """Does the record carry the tensor itself (full mode, the flight recorder, stats on the CPU), or
