@@ -2,15 +2,14 @@
 
 A replay runs no Python, so a point reached while a graph is being captured does its work in the
 graph instead: a device-to-device copy of the tensor (or, with mode=stats, the small stats partials,
-per row where rows are tokens: device_stats.py) into tensors the tap owns. That work is forked onto a
-side stream of the capture (joined back before capture_end), so the replayed graph runs it beside the
-model's kernels instead of between them. The slots' tensors are views of a few arena chunks the graph
-owns (its memory pool), rewritten by every replay; the tap registers them as one slot (name, metadata
-at capture, keys, bytes) of that graph.
+per row where rows are tokens: device_stats.py) into tensors the tap owns. Those tensors are views of
+a few arena chunks the graph owns (its memory pool), rewritten by every replay; the tap registers them
+as one slot (name, metadata at capture, keys, bytes) of that graph. (Forking that work onto a side
+stream of the capture did not shorten the replayed glm5 step on an H200: it is not done.)
 
     capture_begin(g)   this thread's points record slots of g (class-level hook)
-    capture_end(g)     the side stream is joined; g's slots are frozen into one drain plan: the used
-                       part of every arena chunk (and any buffer outside them) at its offset
+    capture_end(g)     g's slots are frozen into one drain plan: the used part of every arena chunk
+                       (and any buffer outside them) at its offset
     replay(g)          after the replay, on a drain stream ordered after it: the plan's parts copied to
                        pinned host memory (through one device copy when large, so that the next replay
                        waits only for that), ordered before the next replay; each slot becomes a record
@@ -24,7 +23,6 @@ unset nothing is patched.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -68,7 +66,6 @@ class GraphSlots:
     nbytes: int = 0
     chunks: list = field(default_factory=list)  # uint8 [size] each, written by the graph
     fill: list = field(default_factory=list)  # bytes used of each chunk
-    forked: dict = field(default_factory=dict)  # device index -> the side stream its capture forked onto
     parts: list | None = None  # [(flat uint8 view the graph writes, its offset in the drained copy)]
     padded: list | None = None  # the parts with alignment pads, for one cat: when there are many parts
     total: int = 0
@@ -145,40 +142,10 @@ class Registry:
         ptr = tensor.data_ptr()
         return any(c.device == tensor.device and c.data_ptr() <= ptr < c.data_ptr() + c.numel() for c in entry.chunks)
 
-    @contextlib.contextmanager
-    def side_work(self, entry: GraphSlots, tensor: torch.Tensor):
-        """Inside a capture, run the body on this thread's side stream of the tensor's device, forked
-        after what the current stream has done so far: the graph runs it beside the model's kernels.
-        The side stream is joined back into the capture at capture_end (`join`). On the CPU: as is."""
-        if not tensor.is_cuda:
-            yield
-            return
-        device = tensor.device
-        sides = self._local.__dict__.setdefault("sides", {})
-        side = sides.get(device.index)
-        if side is None:
-            side = sides[device.index] = own_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        tensor.record_stream(side)  # its memory is not reused in this capture before the side stream reads it
-        entry.forked[device.index] = side
-        with torch.cuda.stream(side):
-            yield
-
     def snapshot(self, entry: GraphSlots, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of `tensor` in the graph's arena, made on the side stream (scope metadata tensors)."""
-        with self.side_work(entry, tensor):
-            out = self.empty(entry, tensor.device, tensor.shape, tensor.dtype)  # [*shape]
-            out.copy_(tensor)
-        return out
-
-    def join(self, graph) -> None:
-        """Before capture_end: the capture's stream waits for the side streams its points forked onto."""
-        entry = self._graphs.get(id(graph))
-        if entry is None:
-            return
-        for index, side in entry.forked.items():
-            torch.cuda.current_stream(index).wait_stream(side)
-        entry.forked.clear()
+        """A copy of `tensor` in the graph's arena (scope metadata tensors), made by the graph."""
+        out = self.empty(entry, tensor.device, tensor.shape, tensor.dtype)  # [*shape]
+        return out.copy_(tensor)
 
     def end(self, graph) -> None:
         """capture_end: freeze the drain plan: the used part of each chunk, then each buffer outside the
@@ -411,8 +378,7 @@ _hooked: set = set()
 
 
 def install(cls, hooks) -> bool:
-    """Wrap cls.capture_begin / capture_end / replay once. `hooks` has begin(graph), join(graph) (before
-    capture_end), end(graph), before_replay(graph), after_replay(graph); each is a no-op when no tap is active. Returns whether
+    """Wrap cls.capture_begin / capture_end / replay once. `hooks` has begin(graph), end(graph), before_replay(graph), after_replay(graph); each is a no-op when no tap is active. Returns whether
     the class was patched now."""
     if cls in _hooked or not all(hasattr(cls, m) for m in ("capture_begin", "capture_end", "replay")):
         return False
@@ -424,7 +390,6 @@ def install(cls, hooks) -> bool:
         return result
 
     def capture_end(self, *args, **kwargs):
-        hooks.join(self)
         try:
             return end(self, *args, **kwargs)
         finally:

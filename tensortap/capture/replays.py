@@ -25,8 +25,8 @@ class GraphRecords:
 
     def _record_in_graph(self, entry, name: str, layer: int, point: str, tensor: torch.Tensor,
                          state: ScopeState) -> None:
-        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself, on
-        the capture's side stream, into the graph's arena."""
+        """A slot of the graph being captured: the copy (or the stats) is made by the graph itself, into
+        the graph's arena."""
         scope_tensors = on_device(state.tensors, tensor.device)
         keeps_data = self._keeps_data(tensor)
         made = tensor.nbytes if keeps_data else stats_kernel.layout_bytes(tensor, point) if \
@@ -35,14 +35,13 @@ class GraphRecords:
             return
         watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None
         empty = functools.partial(self.graphs.empty, entry, tensor.device)
-        with self.graphs.side_work(entry, tensor):
-            if keeps_data:
-                tensors = {"data": tensor}
-            else:
-                tensors = device_stats.partials(tensor, point, graphs.by_rows(point, tensor), empty)
-            tensors.update(scope_tensors)
-            buffers = graphs.slot_buffers(tensors, tensor, watched, point, empty,
-                                          functools.partial(self.graphs.in_arena, entry))
+        if keeps_data:
+            tensors = {"data": tensor}
+        else:
+            tensors = device_stats.partials(tensor, point, graphs.by_rows(point, tensor), empty)
+        tensors.update(scope_tensors)
+        buffers = graphs.slot_buffers(tensors, tensor, watched, point, empty,
+                                      functools.partial(self.graphs.in_arena, entry))
         meta = dict(state.meta)
         meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=dtype_of(tensor),
                     shape=list(tensor.shape))

@@ -33,10 +33,6 @@ class _GraphHooks:
         _GraphHooks._guarded("begin", graph)
 
     @staticmethod
-    def join(graph) -> None:
-        _GraphHooks._guarded("join", graph)
-
-    @staticmethod
     def end(graph) -> None:
         _GraphHooks._guarded("end", graph)
 
