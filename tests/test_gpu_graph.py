@@ -131,7 +131,7 @@ def test_replays_drained_to_pinned_memory_by_the_model_thread_are_exact(tap_dir,
 
     calls = []
     original = graphs.Registry.to_pinned
-    monkeypatch.setattr(graphs.Registry, "to_pinned", lambda self, g, lease: calls.append(1) or original(self, g, lease))
+    monkeypatch.setattr(graphs.Registry, "to_pinned", lambda self, e, lease: calls.append(1) or original(self, e, lease))
     tensortap.configure(dir=tap_dir, mode=mode)
     static_in = torch.zeros(128, 8, 512, device="cuda")  # 2 MiB of fp32: past DIRECT_BYTES in full mode
     lens = torch.tensor([5, 7, 9], device="cuda")

@@ -370,7 +370,7 @@ def test_slots_past_the_first_arena_chunk_replay_exactly(tap_dir, hooked):
     entry = runtime._tap.graphs._graphs[id(g)]
     assert [c.numel() for c in entry.chunks] == [graphs.MIN_CHUNK, 2 * graphs.MIN_CHUNK]
     buffers = {slot.point: slot.buffers["data"] for slot in entry.slots}
-    assert all(graphs.Registry.in_arena(runtime._tap.graphs, entry, b) for b in buffers.values())
+    assert all(entry.holds(b) for b in buffers.values())
     want = {}
     for step in range(3):
         want[step] = {p: torch.randn(shape) for p, shape in sizes.items()}
@@ -396,7 +396,7 @@ def test_the_drain_plan_places_arena_views_and_loose_buffers_once_each():
     shared = torch.arange(3, dtype=torch.int64)  # [3]: one loose buffer in every slot
     expected = []
     for i in range(graphs.MAX_COPIES + 4):
-        data = registry.empty(entry, torch.device("cpu"), (i + 1,), torch.float32).copy_(torch.arange(i + 1.0))
+        data = entry.empty(torch.device("cpu"), (i + 1,), torch.float32).copy_(torch.arange(i + 1.0))
         loose = torch.full((i % 5 + 1,), i, dtype=torch.int16)  # odd byte counts: aligned in the plan
         buffers = {"data": data, "meta:own": loose, "meta:shared": shared}
         registry.add(entry, f"layers.0.attn.p{i}", "hidden", {}, buffers)

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tensortap.capture import device_stats, trigger
-from tensortap.capture.staging import host_view, own_stream
+from tensortap.capture.staging import ALIGN, aligned_pieces, host_view, own_stream  # ALIGN: where each buffer starts
 
-ALIGN = 16  # bytes: each buffer starts aligned in the drained copy, so views of any dtype work
 MIN_CHUNK = 64 << 10  # bytes: the first arena chunk of a graph; each next one doubles, up to MAX_CHUNK
 MAX_CHUNK = 16 << 20
 DIRECT_BYTES = 1 << 20  # drained copies up to this size go straight to pinned memory; larger ones are first
@@ -72,6 +71,34 @@ class GraphSlots:
     drained: torch.cuda.Event | None = None  # after the last drain read the slots
     stream: object = None  # the stream of the last drain
 
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0][0].device
+
+    def empty(self, device: torch.device, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype` in the arena on `device` (ALIGN-aligned): a
+        view of the last chunk, or of a new one (MIN_CHUNK, doubling up to MAX_CHUNK, or the size asked)."""
+        n = math.prod(shape) * dtype.itemsize
+        chunk = self.chunks[-1] if self.chunks else None
+        start = self.fill[-1] + (-self.fill[-1] % ALIGN) if self.fill else 0
+        if chunk is None or chunk.device != torch.device(device) or start + n > chunk.numel():
+            grown = min(MAX_CHUNK, 2 * chunk.numel()) if chunk is not None else MIN_CHUNK
+            chunk = torch.empty(max(n, grown), dtype=torch.uint8, device=device)  # [size]
+            self.chunks.append(chunk)
+            self.fill.append(0)
+            start = 0
+        self.fill[-1] = start + n
+        return chunk[start:start + n].view(dtype).view(shape)  # [*shape]
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Is `tensor` a view of one of the arena's chunks?"""
+        ptr = tensor.data_ptr()
+        return any(c.device == tensor.device and c.data_ptr() <= ptr < c.data_ptr() + c.numel() for c in self.chunks)
+
+    def snapshot(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` in the arena (scope metadata tensors), made by the graph."""
+        return self.empty(tensor.device, tensor.shape, tensor.dtype).copy_(tensor)  # [*shape]
+
 
 class Registry:
     """Slots per graph, the graph being captured on each thread, and the graph_bytes budget."""
@@ -85,6 +112,7 @@ class Registry:
         self._local = threading.local()
         self.active = 0  # captures in progress (any thread): points look for their graph only then
         self._index = itertools.count()
+        self._drains: dict = {}  # device index -> the stream replays are drained on
 
     # -- capture ---------------------------------------------------------------------------------------
     def begin(self, graph) -> None:
@@ -122,31 +150,6 @@ class Registry:
         entry.nbytes += nbytes
         return True
 
-    def empty(self, entry: GraphSlots, device: torch.device, shape, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor of `shape` and `dtype` in the graph's arena on `device` (ALIGN-aligned):
-        a view of its last chunk, or of a new one (MIN_CHUNK, doubling up to MAX_CHUNK, or the size asked)."""
-        n = math.prod(shape) * dtype.itemsize
-        chunk = entry.chunks[-1] if entry.chunks else None
-        start = entry.fill[-1] + (-entry.fill[-1] % ALIGN) if entry.fill else 0
-        if chunk is None or chunk.device != torch.device(device) or start + n > chunk.numel():
-            grown = min(MAX_CHUNK, 2 * chunk.numel()) if chunk is not None else MIN_CHUNK
-            chunk = torch.empty(max(n, grown), dtype=torch.uint8, device=device)  # [size]
-            entry.chunks.append(chunk)
-            entry.fill.append(0)
-            start = 0
-        entry.fill[-1] = start + n
-        return chunk[start:start + n].view(dtype).view(shape)  # [*shape]
-
-    def in_arena(self, entry: GraphSlots, tensor: torch.Tensor) -> bool:
-        """Is `tensor` a view of one of the graph's arena chunks?"""
-        ptr = tensor.data_ptr()
-        return any(c.device == tensor.device and c.data_ptr() <= ptr < c.data_ptr() + c.numel() for c in entry.chunks)
-
-    def snapshot(self, entry: GraphSlots, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of `tensor` in the graph's arena (scope metadata tensors), made by the graph."""
-        out = self.empty(entry, tensor.device, tensor.shape, tensor.dtype)  # [*shape]
-        return out.copy_(tensor)
-
     def end(self, graph) -> None:
         """capture_end: freeze the drain plan: the used part of each chunk, then each buffer outside the
         chunks (once, however many slots share it), each at an ALIGN-aligned offset of the drained copy."""
@@ -176,14 +179,7 @@ class Registry:
                     offset += raw.numel() + (-raw.numel() % ALIGN)
                 slot.offsets[key] = loose[id(buf)]
         entry.parts, entry.total = parts, offset
-        entry.padded = None
-        if len(parts) > MAX_COPIES:
-            padded = []
-            for raw, start in parts:
-                padded.append(raw)
-                if -raw.numel() % ALIGN:
-                    padded.append(torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device))
-            entry.padded = padded
+        entry.padded = aligned_pieces([raw for raw, _ in parts]) if len(parts) > MAX_COPIES else None
 
     # -- replay ------------------------------------------------------------------------------------------
     def before_replay(self, graph) -> None:
@@ -208,18 +204,14 @@ class Registry:
             entry.drained.record(entry.stream)
         return entry, packed
 
-    def to_pinned(self, graph, lease) -> tuple[GraphSlots, torch.cuda.Event] | None:
-        """After a replay of a CUDA graph: its slots copied into the pinned buffer `lease.buffer` on this
-        thread's drain stream, ordered after the replay and (an event) before the next one; (the graph's
-        slots, the event after the host copy). None when the graph has no slots."""
-        entry = self._graphs.get(id(graph))
-        if entry is None or not entry.parts:
-            return None
-        device = entry.parts[0][0].device
-        drains = self._local.__dict__.setdefault("drains", {})
-        drain = drains.get(device.index)
+    def to_pinned(self, entry: GraphSlots, lease) -> torch.cuda.Event:
+        """After a replay of the CUDA graph of `entry` (which has slots): its slots copied into the pinned
+        buffer `lease.buffer` on the drain stream, ordered after the replay and (an event) before the
+        next one. Returns the event after the host copy."""
+        device = entry.device
+        drain = self._drains.get(device.index)
         if drain is None:
-            drain = drains[device.index] = own_stream(device)
+            drain = self._drains[device.index] = own_stream(device)
         drain.wait_stream(torch.cuda.current_stream(device))
         host = lease.buffer
         with torch.cuda.stream(drain):
@@ -237,7 +229,7 @@ class Registry:
         if entry.total <= DIRECT_BYTES:
             entry.drained = done
         entry.stream = drain
-        return entry, done
+        return done
 
     def drain(self, graph) -> list[tuple[Slot, dict]] | None:
         """`pack`, then per slot its tensors (views into the copy). None when the graph has no slots."""
@@ -332,13 +324,13 @@ def real_rows(point: str, shape: list | None, tokens) -> int | None:
     return tokens if 0 <= tokens < shape[0] else None
 
 
-def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point: str = "", empty=None,
-                 in_arena=None) -> dict:
+def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point: str = "",
+                 entry: GraphSlots | None = None) -> dict:
     """The buffers of a new slot, made inside the capture: "data" copied, the stats partials and, for a
     watched point, its trigger signal: per row ("signal:rows", reduced after the replay over the real
-    rows only) when its rows are tokens, else the signal itself [1]. With `empty(shape, dtype)` (the
-    graph's arena) every buffer not in it yet (`in_arena(t)`) is copied there; "meta:" snapshots made
-    outside the capture stay where they are."""
+    rows only) when its rows are tokens, else the signal itself [1]. With the graph's `entry`, every
+    buffer not in its arena yet is copied there; "meta:" snapshots made outside the capture stay where
+    they are."""
     if watched is not None:
         pieces = trigger.row_signal(watched, tensor) if by_rows(point, tensor) else None
         if pieces is not None:
@@ -348,16 +340,15 @@ def slot_buffers(tensors: dict, tensor: torch.Tensor, watched: str | None, point
             if value is not None:
                 tensors["signal"] = value.view(1)  # [1]
     for key, value in tensors.items():
-        if key == "data" or (empty is not None and not key.startswith("meta:") and not in_arena(value)):
-            copy = empty(value.shape, value.dtype) if empty is not None else torch.empty_like(
+        if key == "data" or (entry is not None and not key.startswith("meta:") and not entry.holds(value)):
+            copy = entry.empty(value.device, value.shape, value.dtype) if entry is not None else torch.empty_like(
                 value, memory_format=torch.contiguous_format)  # [*shape]
             tensors[key] = copy.copy_(value.detach())  # a graph node
     return tensors
 
 
 def _current_stream(entry: GraphSlots):
-    device = entry.parts[0][0].device if entry.parts else None
-    return torch.cuda.current_stream(device)
+    return torch.cuda.current_stream(entry.device if entry.parts else None)
 
 
 def _packed(entry: GraphSlots) -> torch.Tensor:
@@ -367,7 +358,7 @@ def _packed(entry: GraphSlots) -> torch.Tensor:
         return torch.cat(entry.padded)  # [total]
     if len(entry.parts) == 1 and entry.parts[0][0].numel() == entry.total:
         return entry.parts[0][0].clone()  # [total]
-    packed = torch.empty(entry.total, dtype=torch.uint8, device=entry.parts[0][0].device)  # [total]
+    packed = torch.empty(entry.total, dtype=torch.uint8, device=entry.device)  # [total]
     for raw, start in entry.parts:
         packed[start:start + raw.numel()].copy_(raw)  # [n]
     return packed

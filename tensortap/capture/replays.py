@@ -34,14 +34,13 @@ class GraphRecords:
         if not self.graphs.fits(name, made + sum(t.nbytes for t in scope_tensors.values())):
             return
         watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None
-        empty = functools.partial(self.graphs.empty, entry, tensor.device)
         if keeps_data:
             tensors = {"data": tensor}
         else:
-            tensors = device_stats.partials(tensor, point, graphs.by_rows(point, tensor), empty)
+            tensors = device_stats.partials(tensor, point, graphs.by_rows(point, tensor),
+                                            functools.partial(entry.empty, tensor.device))
         tensors.update(scope_tensors)
-        buffers = graphs.slot_buffers(tensors, tensor, watched, point, empty,
-                                      functools.partial(self.graphs.in_arena, entry))
+        buffers = graphs.slot_buffers(tensors, tensor, watched, point, entry)
         meta = dict(state.meta)
         meta.update(name=name, point=point, layer=layer, rank=state.rank, dtype=dtype_of(tensor),
                     shape=list(tensor.shape))
@@ -89,13 +88,11 @@ class GraphRecords:
                 self.excluded += 1
         if not kept:
             return
-        device = entry.parts[0][0].device
-        scope_tensors = on_device(state.tensors, device) if state.tensors else {}
-        lease = self.stager.pooled_lease(entry.total, 1) if device.type == "cuda" and not scope_tensors else None
+        scope_tensors = on_device(state.tensors, entry.device) if state.tensors else {}
+        lease = self.stager.pooled_lease(entry.total, 1) if entry.device.type == "cuda" and not scope_tensors else None
         if lease is not None:  # the host copy is made here; the writer waits for `ready` (split_replay)
-            _, done = self.graphs.to_pinned(graph, lease)
             staged = Staged({"packed": lease.buffer[:entry.total]})
-            staged.lease, staged.ready = lease, done
+            staged.lease, staged.ready = lease, self.graphs.to_pinned(entry, lease)
         else:  # no pooled pinned buffer of that size yet, or scope tensors: the writer copies to the host
             _, flat = self.graphs.pack(graph)
             staged = Staged({"packed": flat, **scope_tensors}, entry.stream if flat.is_cuda else None)

@@ -252,13 +252,8 @@ class Stager:
                 side.wait_event(event)
             snaps = [snap for r in records for snap in r.tensors.values()]
             with torch.cuda.stream(side):
-                pieces = []
-                for snap in snaps:  # every snapshot starts 16-byte aligned: views of any dtype work on the host
-                    raw = snap.reshape(-1).view(torch.uint8)  # [n]
-                    pieces.append(raw)
-                    if raw.numel() % ALIGN:
-                        pieces.append(torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device))
-                packed = torch.cat(pieces)  # [bytes], one kernel
+                # every snapshot starts 16-byte aligned: views of any dtype work on the host
+                packed = torch.cat(aligned_pieces([snap.reshape(-1).view(torch.uint8) for snap in snaps]))  # [bytes]
                 lease = self.pinned_lease(packed.numel(), len(records))
                 lease.buffer[:packed.numel()].copy_(packed, non_blocking=True)  # [bytes]
                 # no record_stream per snapshot (several us each): `snaps` holds them until `done` below
@@ -307,6 +302,17 @@ def host_view(key: str, dtype: torch.dtype, shape, buffer: torch.Tensor, flat: n
 NUMPY_DTYPES = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
                 torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16,
                 torch.float32: np.float32, torch.float64: np.float64}
+
+
+def aligned_pieces(raws: list) -> list:
+    """Flat uint8 tensors, each followed by the pad that makes the next start ALIGN-aligned: what one
+    torch.cat packs into a buffer where each starts at its aligned offset."""
+    pieces = []
+    for raw in raws:
+        pieces.append(raw)
+        if raw.numel() % ALIGN:
+            pieces.append(torch.empty(-raw.numel() % ALIGN, dtype=torch.uint8, device=raw.device))  # [pad]
+    return pieces
 
 
 def size_class(nbytes: int) -> int:

@@ -293,7 +293,7 @@ class Tap(LeanRecords, GraphRecords):
         entry = self.graphs.capturing() if self.graphs.active else None
         if entry is None:
             return value.detach().clone()
-        return self.graphs.snapshot(entry, value.detach())
+        return entry.snapshot(value.detach())
 
     def _with_call_meta(self, state: ScopeState, meta: dict) -> ScopeState:
         """A point's own metadata over its scope's, as a state of its own: validated, its tensors
