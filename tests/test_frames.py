@@ -19,6 +19,9 @@ class FakeRing:
         self.head += flat.size + (-flat.size % 64)
         return at
 
+    def view(self, at: int, array: np.ndarray) -> np.ndarray:
+        return self.buffer[at:at + array.nbytes].view(array.dtype).reshape(array.shape)
+
 
 def round_trip(records, ring=None):
     pieces = frames.batch_pieces(7, {"records": 3, "lost": 1}, records, ring)

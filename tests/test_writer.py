@@ -447,6 +447,41 @@ def test_a_writer_process_killed_with_batches_in_flight_loses_nothing(tap_dir, c
     assert len(got) - len(set(got)) <= 3, "at most the one batch committed in the instant of the kill twice"
 
 
+
+def test_snapshots_copied_into_the_ring_are_reused_before_the_ack_and_a_fallback_writes_the_ring_copy(tap_dir, caplog):
+    """A record wholly in the shared ring gives its snapshot back to the pool at once (the next step's
+    snapshot reuses it); if the writer process dies before committing, the fallback writes the ring's
+    copy, so every step keeps its own values."""
+    tensortap.configure(dir=tap_dir, writer="process")
+    big = lambda step: torch.full((128, 1024), float(step))  # noqa: E731  512 KiB: through the ring
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        with tensortap.scope(step=0, layer=2):
+            tensortap.point("layers.2.attn.partial_out", big(0))
+        assert tensortap.flush(timeout=60)
+        sink = runtime._tap.writer.sink
+        stager = runtime._tap.writer.stager
+        os.kill(sink.process.pid, signal.SIGSTOP)  # it acknowledges nothing from here on
+        try:
+            reused = 0
+            for step in range(1, 12):
+                with tensortap.scope(step=step, layer=2):
+                    tensortap.point("layers.2.attn.partial_out", big(step))
+                deadline = time.monotonic() + 10
+                while not len(stager.snapshots) and time.monotonic() < deadline:
+                    time.sleep(0.005)  # until the writer thread has copied it into the ring
+                reused += len(stager.snapshots) > 0  # the next step's snapshot takes it
+        finally:
+            os.kill(sink.process.pid, signal.SIGKILL)
+            os.kill(sink.process.pid, signal.SIGCONT)
+        assert tensortap.flush(timeout=60)
+        tensortap.close()
+    assert reused >= 5, "snapshots in the ring went back to the pool before the writer process acknowledged them"
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    d = tensortap.open(tap_dir)
+    for step in range(12):
+        assert torch.equal(d.get("partial_out", step=step), big(step)), f"step {step} holds its own values"
+
+
 # A writer process that reported a write error ("E") and acknowledges nothing more: a batch waiting
 # for room in the shared ring must fail at once (capture stops, the loss is counted), never wait forever.
 _FAILING_WRITER = r'''
@@ -483,6 +518,7 @@ def test_a_batch_waiting_for_ring_space_fails_once_the_writer_process_reported_a
         meta = {"point": "q", "dtype": "float32"}
         full = True
         base_json = None
+        staged = None
 
     array = np.zeros(1 << 20, np.float32)  # 4 MiB: the whole ring
     outcome = []

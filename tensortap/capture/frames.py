@@ -66,8 +66,9 @@ def control_frame(kind: int, body: dict) -> bytes:
 
 def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, dict]], ring=None) -> list:
     """The buffers of one BATCH frame, for os.writev. `records`: (meta JSON, full, {name: array}).
-    With a `ring` (writer.py), arrays of RING_MIN bytes or more are copied into the shared ring and
-    the frame carries their offset; the rest travel inline."""
+    With a `ring` (child.py), arrays of RING_MIN bytes or more are copied into the shared ring and
+    the frame carries their offset; the rest travel inline. A record's array copied into the ring is
+    replaced in its dict by that copy (`ring.view`): the snapshot it came from is not needed any more."""
     pieces: list = []
     head = bytearray(_BATCH.pack(batch_id, *(int(totals.get(k, 0)) for k in TOTALS)))
     length = len(head)
@@ -86,6 +87,7 @@ def batch_pieces(batch_id: int, totals: dict, records: list[tuple[bytes, bool, d
                         _HEADERS[key] = header
             else:
                 header = _array_header(name, array, at)
+                arrays[name] = ring.view(at, array)
             head += header
             length += len(header)
             head += _PAD[: _pad(length)]

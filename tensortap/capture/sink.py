@@ -115,7 +115,8 @@ def serve(stdin, stdout) -> int:
     o = frames.control_body(opening[2])
     ring = None
     if o.get("ring"):  # the server's shared memory for large arrays (frames.py)
-        ring = np.frombuffer(mmap.mmap(o["ring"]["fd"], o["ring"]["bytes"]), dtype=np.uint8)  # [bytes]
+        ring = np.frombuffer(mmap.mmap(o["ring"]["fd"], o["ring"]["bytes"], flags=mmap.MAP_SHARED | getattr(
+            mmap, "MAP_POPULATE", 0)), dtype=np.uint8)  # [bytes], its page tables filled once
     recorder = Recorder(o)
     failed = None
     lost = 0
