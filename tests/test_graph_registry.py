@@ -409,3 +409,17 @@ def test_the_drain_plan_places_arena_views_and_loose_buffers_once_each():
         assert slot.offsets["meta:shared"] == drained[0][0].offsets["meta:shared"]
         for key in want:
             assert torch.equal(tensors[key], want[key]), (slot.name, key)
+
+
+def test_the_writer_yields_the_gil_at_the_gpu_pace_once_a_graph_slot_is_made(tap_dir, hooked, monkeypatch):
+    from tensortap.capture import job
+
+    monkeypatch.setattr(job, "_yield_ns", job.YIELD_NS)
+    tensortap.configure(dir=tap_dir)
+    with tensortap.scope(step=0, layer=3):
+        tensortap.point("layers.3.attn.hidden", torch.zeros(4, 8))
+    tensortap.flush()
+    assert job._yield_ns == job.YIELD_NS, "CPU records keep the CPU pace"
+    capture(FakeGraph())
+    assert job._yield_ns == job.GPU_YIELD_NS < job.YIELD_NS
+    tensortap.close()

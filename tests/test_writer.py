@@ -596,6 +596,7 @@ def test_the_writer_releases_the_gil_once_it_has_held_it_for_yield_ns(monkeypatc
     monkeypatch.setattr(job.time, "perf_counter_ns", lambda: clock[0])
     monkeypatch.setattr(job.time, "sleep", lambda seconds: sleeps.append(seconds))
     monkeypatch.setattr(job, "_held_since", 0)
+    monkeypatch.setattr(job, "_yield_ns", job.YIELD_NS)  # the CPU pace (a graph test may have set the GPU's)
     for now in (10_000, 50_000, 99_999):  # held for less than YIELD_NS: kept
         clock[0] = now
         job.yield_gil()
@@ -606,7 +607,11 @@ def test_the_writer_releases_the_gil_once_it_has_held_it_for_yield_ns(monkeypatc
     clock[0] += job.YIELD_NS - 1
     job.yield_gil()
     assert sleeps == [0], "held again from the release on"
+    job.pace_for_gpu()
+    clock[0] += job.GPU_YIELD_NS
+    job.yield_gil()
+    assert sleeps == [0, 0], "at the GPU pace, released after GPU_YIELD_NS"
     monkeypatch.setattr(job, "YIELD", False)
     clock[0] += 10 * job.YIELD_NS
     job.yield_gil()
-    assert sleeps == [0], "switched off for the benchmarks' A/B"
+    assert sleeps == [0, 0], "switched off for the benchmarks' A/B"

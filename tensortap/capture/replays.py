@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tensortap.capture import device_stats, graphs, stats_kernel, trigger
-from tensortap.capture.job import RECORD_KEYS, Job, Replay, join_json, meta_json, yield_gil
+from tensortap.capture.job import RECORD_KEYS, Job, Replay, join_json, meta_json, pace_for_gpu, yield_gil
 from tensortap.capture.staging import Staged
 from tensortap.capture.state import ScopeState, current_scope, dtype_of, on_device
 
@@ -46,6 +46,7 @@ class GraphRecords:
                     shape=list(tensor.shape))
         meta.setdefault("world_size", state.world)
         self.graphs.add(entry, name, point, meta, buffers)
+        pace_for_gpu()  # its replays are drained on the writer side
 
     def after_replay(self, graph) -> None:
         """After a replay: the graph's slots, drained in one copy, become records stamped with the scope:

@@ -38,6 +38,8 @@ import numpy as np
 
 import torch
 
+from tensortap.capture.job import pace_for_gpu
+
 SNAPSHOT_POOL_BYTES = 256 << 20
 PINNED_POOL_BYTES = 256 << 20
 MIN_PINNED_BYTES = 64 << 10  # the smallest pinned size class
@@ -235,6 +237,7 @@ class Stager:
             if staged.stream is not None:
                 by_device.setdefault(next(iter(staged.tensors.values())).device, []).append(staged)
         if by_device:
+            pace_for_gpu()
             self._copy_to_host(by_device)
         for staged in batch:
             if staged.on_host is not None:
