@@ -63,7 +63,7 @@ def partials(tensor: torch.Tensor, point: str, rows: bool = False, empty=None) -
     with `rows` (rows along dimension 0 of a tensor of at least one dimension), per row. `empty(shape,
     dtype)` makes the fused kernel's outputs (graph slots: views of the slot arena); torch's kernels
     make their own."""
-    if stats_kernel.usable(tensor, point):
+    if stats_kernel.plan(tensor, point) is not None:
         return stats_kernel.cells(tensor, point, empty)  # one kernel; per row, so it serves `rows` too
     return _torch_partials(tensor, point, rows)
 
@@ -104,7 +104,7 @@ def finish(tensors: dict, n: int | None = None) -> dict:
 def finish_on_host(tensors: dict, n: int | None = None) -> dict:
     """`finish` as the writer runs it on the host (a record's `on_host`): the fused kernel's cells are
     reduced with numpy and stay numpy arrays, which the writer sends as they are."""
-    if any(key.startswith("cells:") for key in tensors):
+    if any(key.startswith("cells@") for key in tensors):
         return _from_cells(tensors, n)
     tensors = {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
                for key, value in tensors.items()}  # parts the writer attached as numpy views
@@ -154,9 +154,12 @@ def _first_rows(tensors: dict, n: int | None) -> dict:
 def _from_cells(tensors: dict, n: int | None) -> dict:
     """The parts of x[:n] from the fused kernel's partials per (row, group, chunk) (stats_kernel.py),
     reduced on the host with numpy: a few microseconds of the writer's time, not a kernel each."""
-    cells = {key[6:]: value if isinstance(value, np.ndarray) else value.cpu().numpy()
-             for key, value in tensors.items() if key.startswith("cells:")}
-    out = {key: value for key, value in tensors.items() if not key.startswith("cells:")}
+    out, cells = {}, {}
+    for key, value in tensors.items():
+        if key.startswith("cells@"):  # the kernel's one buffer: its outputs as its Plan lays them out
+            cells = stats_kernel.plan_of(key).views(value if isinstance(value, np.ndarray) else value.cpu().numpy())
+        else:
+            out[key] = value
     cut = {key: value[:n] for key, value in cells.items()}  # [n, G, C, ...]: the real rows
     kept = next(iter(cut.values())).shape[0]
     if "hash" in cut:

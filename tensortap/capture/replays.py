@@ -29,8 +29,8 @@ class GraphRecords:
         the graph's arena."""
         scope_tensors = on_device(state.tensors, tensor.device)
         keeps_data = self._keeps_data(tensor)
-        made = tensor.nbytes if keeps_data else stats_kernel.layout_bytes(tensor, point) if \
-            stats_kernel.usable(tensor, point) else 0  # what the slot will hold, known before it is made
+        plan = None if keeps_data else stats_kernel.plan(tensor, point)
+        made = tensor.nbytes if keeps_data else plan.nbytes if plan else 0  # what the slot will hold, known now
         if not self.graphs.fits(name, made + sum(t.nbytes for t in scope_tensors.values())):
             return
         watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None

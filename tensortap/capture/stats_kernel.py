@@ -8,24 +8,27 @@ point [T, H, D], else 1) and each cell (t, g) is cut into chunks of CHUNK elemen
 (`device_stats.finish`): counts and the wrapping hash add up in any order, maxima and minima are
 order-free, and the norm's float64 sum of squares is added over chunks in float64.
 
-    "cells:buckets" i32 [T, G, C, 4]  #{-inf}, #{finite}, #{+inf}, #{NaN}     float tensors
-    "cells:absmax"  f32 [T, G, C]     max |x| over finite x (0 if none)       float tensors
-    "cells:min/max" i64 [T, G, C]     min and max                             integer tensors (not uint8/bool)
-    "cells:sumsq"   f64 [T, H, C]     sum x^2 in float64 (norm = sqrt over C)  head points
-    "cells:zeros"   i32 [T, H, C]     #{x == 0}                               head points
-    "cells:valid"   i32 [T, 1, C]     #{x >= 0}                               index points [T, K]
-    "cells:hash"    i64 [T, G, C]     sum bits_i * ((i mod 65521) + 1), i the flat index   row points
+    buckets  i32 [T, G, C, 4]  #{-inf}, #{finite}, #{+inf}, #{NaN}        float tensors
+    absmax   f32 [T, G, C]     max |x| over finite x (0 if none)          float tensors
+    min/max  i64 [T, G, C]     min and max                                integer tensors (not uint8/bool)
+    sumsq    f64 [T, H, C]     sum x^2 in float64 (norm = sqrt over C)    head points
+    zeros    i32 [T, H, C]     #{x == 0}                                  head points
+    valid    i32 [T, 1, C]     #{x >= 0}                                  index points [T, K]
+    hash     i64 [T, G, C]     sum bits_i * ((i mod 65521) + 1), i the flat index   row points
 
-Rows are cells' first index, so a replay's num_tokens trims them as it trims "rows:*" partials.
+All of a point's outputs go into one uint8 buffer laid out by its `Plan` (made once per kind of tensor):
+a record carries that buffer as "cells@<plan>", one allocation and one piece of the host copy. A plan
+costs a point one dict lookup; the kernel's launch (~20 us of host time on an H200's host) is most of
+the rest. Rows are cells' first index, so a replay's num_tokens trims them as it trims "rows:*" partials.
 Used where Triton imports (vLLM servers carry it) for CUDA tensors of the dtypes below; inside a
 CUDA-graph capture only once the variant is compiled (a compile there could break the capture).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
+import numpy as np
 import torch
 
 from tensortap import vocab
@@ -38,21 +41,91 @@ _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64)
 _NO_MINMAX = (torch.uint8, torch.bool)
+_OUTPUTS = ("buckets", "absmax", "min", "max", "sumsq", "zeros", "valid", "hash")  # the kernel's order
+_NUMPY = {torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64), torch.float32: np.dtype(np.float32),
+          torch.float64: np.dtype(np.float64)}
+MAX_PLANS = 16384  # glm5 at 512 graph sizes: about 6,000
+_plans: dict = {}  # (shape, dtype, point, device index, 16-byte aligned) -> Plan
+_by_key: dict = {}  # Plan.key -> Plan
 _compiled: set = set()  # variants that ran once outside a capture
 _kernel = None  # the Triton kernel, made on first use; False where Triton is missing
 
 
+class Plan:
+    """How `cells` lays out the outputs for one kind of tensor (shape, dtype, point, device, alignment):
+    all of them in one uint8 buffer, each at a 16-byte aligned offset, so that a point allocates one
+    buffer and launches one kernel with one output pointer. Made once and kept (`_plans`); its `key`
+    ("cells@<index>") names the buffer in a record, and `views` reads it on the host."""
+
+    __slots__ = ("key", "parts", "nbytes", "grid", "width", "chunks", "offsets", "flags", "variant")
+
+    def __init__(self, tensor: torch.Tensor, point: str, index: int):
+        head, index_point, hashed = kind = _point_kind(tensor, point)
+        is_float = tensor.dtype in _FLOATS
+        has_minmax = not is_float and tensor.dtype not in _NO_MINMAX
+        shapes = layout(tensor, point)
+        self.key = f"cells@{index}"
+        parts, at = [], 0
+        for name, (shape, dtype) in shapes.items():
+            parts.append((name, at, shape, _NUMPY[dtype]))
+            at += -(-math.prod(shape) * dtype.itemsize // 16) * 16
+        self.parts = tuple(parts)  # (name, byte offset, shape, numpy dtype)
+        self.nbytes = at
+        rows = tensor.shape[0]
+        groups = tensor.shape[1] if head else 1
+        self.width = tensor.numel() // (rows * groups)  # D: elements per cell
+        self.chunks = -(-self.width // CHUNK)
+        self.grid = (rows * groups, self.chunks)
+        where = {name: offset for name, offset, _, _ in parts}
+        self.offsets = tuple(where.get(name, 0) for name in _OUTPUTS)  # byte offsets, in the kernel's order
+        self.flags = dict(IS_FLOAT=is_float, FLOAT_KIND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(
+            tensor.dtype, 0), MINMAX=has_minmax, HEAD=head and is_float, INDEX=index_point and has_minmax, HASH=hashed,
+            CHUNK=CHUNK, BLOCK=BLOCK)
+        self.variant = _variant(tensor, kind)
+
+    def views(self, flat) -> dict:
+        """The outputs as numpy arrays viewing `flat` (the buffer on the host: numpy uint8 [nbytes])."""
+        return {name: flat[at:at + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+                for name, at, shape, dtype in self.parts}
+
+
+def plan(tensor: torch.Tensor, point: str) -> Plan | None:
+    """The Plan for `tensor` at `point`, or None where the fused kernel cannot compute its partials (not
+    CUDA, empty, a dtype it does not read, no Triton; inside a CUDA-graph capture, a variant not compiled
+    yet: the first compile happens outside captures, the warm-up forward runs first). Then torch's
+    kernels do."""
+    found = _plans.get((tensor.shape, tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0))
+    if found is None:
+        if not tensor.is_cuda or not _readable(tensor) or _get_kernel() is None:
+            return None
+        found = _plan_for(tensor, point)
+        if found is None:
+            return None
+    if found.variant not in _compiled and torch.cuda.is_current_stream_capturing():
+        return None
+    return found
+
+
+def _plan_for(tensor: torch.Tensor, point: str) -> Plan | None:
+    """The kept Plan of this kind of tensor, made now if new (None past MAX_PLANS kinds: a run of ever
+    new shapes gets torch's kernels past the bound)."""
+    key = (tensor.shape, tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0)
+    found = _plans.get(key)
+    if found is None and len(_plans) < MAX_PLANS:
+        found = _plans[key] = Plan(tensor, point, len(_plans))
+        _by_key[found.key] = found
+    return found
+
+
 def usable(tensor: torch.Tensor, point: str) -> bool:
     """Can the fused kernel compute this tensor's partials (else torch's kernels do)?"""
-    if not tensor.is_cuda or tensor.dim() == 0 or tensor.numel() == 0 or tensor.shape[0] == 0:
+    return plan(tensor, point) is not None
+
+
+def _readable(tensor: torch.Tensor) -> bool:
+    if tensor.dim() == 0 or tensor.numel() == 0 or tensor.shape[0] == 0:
         return False
-    if tensor.dtype not in _FLOATS and tensor.dtype not in _INTEGERS and tensor.dtype not in _NO_MINMAX:
-        return False
-    if _get_kernel() is None:
-        return False
-    if torch.cuda.is_current_stream_capturing() and _variant(tensor, _point_kind(tensor, point)) not in _compiled:
-        return False  # the first compile happens outside captures (the warm-up forward runs first)
-    return True
+    return tensor.dtype in _FLOATS or tensor.dtype in _INTEGERS or tensor.dtype in _NO_MINMAX
 
 
 def layout(tensor: torch.Tensor, point: str) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -79,43 +152,30 @@ def layout(tensor: torch.Tensor, point: str) -> dict[str, tuple[tuple, torch.dty
     return out
 
 
-def layout_bytes(tensor: torch.Tensor, point: str) -> int:
-    """Bytes of the outputs `cells` makes for `tensor` at `point`."""
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout(tensor, point).values())
+def plan_of(key: str) -> Plan:
+    """The Plan a record's "cells@<index>" buffer was made by."""
+    return _by_key[key]
 
 
 def cells(tensor: torch.Tensor, point: str, empty=None) -> dict[str, torch.Tensor]:
-    """The partials of `tensor` at `point` per (row, group, chunk), from one kernel (module docstring).
-    `empty(shape, dtype)` makes each output (inside a CUDA graph: views of the tap's slot arena);
+    """The partials of `tensor` at `point` per (row, group, chunk), from one kernel into one buffer
+    (module docstring): {plan.key: uint8 [plan.nbytes]}, or {} for uint8/bool outside the row points (no
+    stats). `empty(shape, dtype)` makes the buffer (inside a CUDA graph: a view of the tap's slot arena);
     by default torch.empty on the tensor's device."""
-    shapes = layout(tensor, point)
-    if not shapes:
-        return {}  # uint8/bool outside the row points: no stats
-    head, index, hashed = _point_kind(tensor, point)
-    is_float = tensor.dtype in _FLOATS
-    has_minmax = not is_float and tensor.dtype not in _NO_MINMAX
-    rows, groups, chunks = next(iter(shapes.values()))[0][:3]
-    width = tensor.numel() // (rows * groups)  # D: elements per cell
+    found = _plan_for(tensor, point) if _readable(tensor) else None
+    if found is None:
+        raise ValueError(f"the stats kernel cannot read this tensor ({tensor.dtype}, {tuple(tensor.shape)})")
+    if not found.parts:
+        return {}
     flat = tensor.contiguous().view(-1)  # [N]
     bits = flat.view(_SIGNED[flat.element_size()])  # [N]: the elements as signed integers of their width
-    device = tensor.device
     if empty is None:
-        empty = functools.partial(_empty_on, device)
-    out = {"cells:" + key: empty(shape, dtype) for key, (shape, dtype) in shapes.items()}
-    unused = torch.empty(0, device=device)
-    buckets, absmax, low, high, sumsq, zeros, valid, digest = (
-        out.get("cells:" + key, unused) for key in ("buckets", "absmax", "min", "max", "sumsq", "zeros", "valid", "hash"))
-    float_kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(tensor.dtype, 0)
-    _get_kernel()[(rows * groups, chunks)](
-        bits, width, chunks, buckets, absmax, low, high, sumsq, zeros, valid, digest,
-        IS_FLOAT=is_float, FLOAT_KIND=float_kind, MINMAX=has_minmax, HEAD=head and is_float,
-        INDEX=index and has_minmax, HASH=hashed, CHUNK=CHUNK, BLOCK=BLOCK)
-    _compiled.add(_variant(tensor, (head, index, hashed)))
-    return out
-
-
-def _empty_on(device: torch.device, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
+        out = torch.empty(found.nbytes, dtype=torch.uint8, device=tensor.device)  # [nbytes]
+    else:
+        out = empty((found.nbytes,), torch.uint8)  # [nbytes]
+    _get_kernel()[found.grid](bits, found.width, found.chunks, out, *found.offsets, **found.flags)
+    _compiled.add(found.variant)
+    return {found.key: out}
 
 
 def _point_kind(tensor: torch.Tensor, point: str) -> tuple[bool, bool, bool]:
@@ -144,11 +204,22 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["width", "chunks"])
-    def stats_cells(bits_ptr, width, chunks, buckets_ptr, absmax_ptr, min_ptr, max_ptr, sumsq_ptr, zeros_ptr,
-                    valid_ptr, hash_ptr, IS_FLOAT: tl.constexpr, FLOAT_KIND: tl.constexpr, MINMAX: tl.constexpr,
+    offsets = ["at_buckets", "at_absmax", "at_min", "at_max", "at_sumsq", "at_zeros", "at_valid", "at_hash"]
+
+    @triton.jit(do_not_specialize=["width", "chunks"] + offsets)
+    def stats_cells(bits_ptr, width, chunks, out_ptr, at_buckets, at_absmax, at_min, at_max, at_sumsq, at_zeros,
+                    at_valid, at_hash, IS_FLOAT: tl.constexpr, FLOAT_KIND: tl.constexpr, MINMAX: tl.constexpr,
                     HEAD: tl.constexpr, INDEX: tl.constexpr, HASH: tl.constexpr, CHUNK: tl.constexpr,
                     BLOCK: tl.constexpr):
+        # every output in the one uint8 buffer, at its byte offset (Plan)
+        buckets_ptr = (out_ptr + at_buckets).to(tl.pointer_type(tl.int32))
+        absmax_ptr = (out_ptr + at_absmax).to(tl.pointer_type(tl.float32))
+        min_ptr = (out_ptr + at_min).to(tl.pointer_type(tl.int64))
+        max_ptr = (out_ptr + at_max).to(tl.pointer_type(tl.int64))
+        sumsq_ptr = (out_ptr + at_sumsq).to(tl.pointer_type(tl.float64))
+        zeros_ptr = (out_ptr + at_zeros).to(tl.pointer_type(tl.int32))
+        valid_ptr = (out_ptr + at_valid).to(tl.pointer_type(tl.int32))
+        hash_ptr = (out_ptr + at_hash).to(tl.pointer_type(tl.int64))
         cell = tl.program_id(0).to(tl.int64)  # (t, g) flattened
         chunk = tl.program_id(1).to(tl.int64)
         out = cell * chunks + chunk  # this program's entry in every [T, G, C] output
