@@ -249,31 +249,3 @@ def test_the_callers_pooled_lease_never_allocates_and_asks_the_writer_side_for_o
     lease = stager.pooled_lease(3000, holders=1)
     assert lease is not None and lease.size == MIN_PINNED_BYTES and len(stager.pinned) == 0
     assert stager.pooled_lease(3000, holders=1) is None, "the one pooled buffer is leased"
-
-
-def test_pieces_are_copied_to_their_aligned_offsets_one_call_each():
-    """copy_pieces with a memmove standing in for cudaMemcpyAsync: each piece lands at its ALIGN-aligned
-    offset; a failing call raises (the writer then reports the batch lost)."""
-    import ctypes
-
-    from tensortap.capture.staging import ALIGN, aligned_offsets, copy_pieces
-
-    calls = []
-
-    def memmove(dst, src, n, kind, stream):
-        calls.append((n, kind, stream))
-        ctypes.memmove(dst, src, n)
-        return 0
-
-    snaps = [torch.arange(5, dtype=torch.int16), torch.arange(3.0), torch.empty(0), torch.arange(7, dtype=torch.uint8)]
-    sizes = [t.numel() * t.element_size() for t in snaps]
-    offsets, total = aligned_offsets(sizes)
-    assert offsets == [0, 16, 32, 32] and total == 48 and all(at % ALIGN == 0 for at in offsets)
-    host = torch.zeros(total, dtype=torch.uint8)
-    copy_pieces(memmove, [(at, t.data_ptr(), n) for at, t, n in zip(offsets, snaps, sizes)], host.data_ptr(), 77)
-    assert [n for n, _, _ in calls] == [10, 12, 7], "one call per non-empty piece"
-    assert all(kind == 2 and stream == 77 for _, kind, stream in calls), "device to host, on the given stream"
-    assert torch.equal(host[0:10].view(torch.int16), snaps[0]) and torch.equal(host[16:28].view(torch.float32), snaps[1])
-    assert torch.equal(host[32:39], snaps[3]) and not host[10:16].any()
-    with pytest.raises(RuntimeError, match="cudaMemcpyAsync of 10 bytes"):
-        copy_pieces(lambda *args: 1, [(0, snaps[0].data_ptr(), 10)], host.data_ptr(), 0)

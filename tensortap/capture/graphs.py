@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensortap.capture import device_stats, trigger
-from tensortap.capture.staging import ALIGN, aligned_pieces, copy_pieces, host_view, memcpy_async, own_stream  # ALIGN: where each buffer starts
+from tensortap.capture.staging import ALIGN, aligned_pieces, host_view, own_stream  # ALIGN: where each buffer starts
 
 MIN_CHUNK = 64 << 10  # bytes: the first arena chunk of a graph; each next one doubles, up to MAX_CHUNK
 MAX_CHUNK = 16 << 20
@@ -67,7 +67,6 @@ class GraphSlots:
     fill: list = field(default_factory=list)  # bytes used of each chunk
     parts: list | None = None  # [(flat uint8 view the graph writes, its offset in the drained copy)]
     padded: list | None = None  # the parts with alignment pads, for one cat: when there are many parts
-    copies: list = field(default_factory=list)  # the parts as (offset, device address, bytes): copy_pieces
     total: int = 0
     drained: torch.cuda.Event | None = None  # after the last drain read the slots
     stream: object = None  # the stream of the last drain
@@ -180,7 +179,6 @@ class Registry:
                     offset += raw.numel() + (-raw.numel() % ALIGN)
                 slot.offsets[key] = loose[id(buf)]
         entry.parts, entry.total = parts, offset
-        entry.copies = [(start, raw.data_ptr(), raw.numel()) for raw, start in parts]  # for copy_pieces
         entry.padded = aligned_pieces([raw for raw, _ in parts]) if len(parts) > MAX_COPIES else None
 
     # -- replay ------------------------------------------------------------------------------------------
@@ -215,7 +213,7 @@ class Registry:
         if drain is None:
             drain = self._drains[device.index] = own_stream(device)
         drain.wait_stream(torch.cuda.current_stream(device))
-        host, copy = lease.buffer, memcpy_async()
+        host = lease.buffer
         with torch.cuda.stream(drain):
             if entry.total > DIRECT_BYTES or entry.padded is not None:
                 packed = _packed(entry)  # [total] uint8, allocated on the drain stream: reused only after the copy
@@ -223,8 +221,6 @@ class Registry:
                     entry.drained = torch.cuda.Event()
                     entry.drained.record(drain)  # what the next replay waits for: the device copy
                 host[:entry.total].copy_(packed, non_blocking=True)  # [total]
-            elif copy is not None:  # one cudaMemcpyAsync per part, of addresses fixed when the plan was made
-                copy_pieces(copy, entry.copies, host.data_ptr(), drain.cuda_stream)
             else:
                 for raw, start in entry.parts:
                     host[start:start + raw.numel()].copy_(raw, non_blocking=True)  # [n]

@@ -256,18 +256,9 @@ class Stager:
             snaps = [snap for r in records for snap in r.tensors.values()]
             with torch.cuda.stream(side):
                 # every snapshot starts 16-byte aligned: views of any dtype work on the host
-                copy = memcpy_async()
-                if copy is not None:  # each straight to its offset (snaps made contiguous are held below)
-                    snaps = [snap if snap.is_contiguous() else snap.contiguous() for snap in snaps]
-                    sizes = [snap.numel() * snap.element_size() for snap in snaps]
-                    offsets, total = aligned_offsets(sizes)
-                    lease = self.pinned_lease(total, len(records))
-                    copy_pieces(copy, [(at, snap.data_ptr(), n) for at, snap, n in zip(offsets, snaps, sizes)],
-                                lease.buffer.data_ptr(), side.cuda_stream)
-                else:  # no runtime function found: packed by torch, then one copy
-                    packed = torch.cat(aligned_pieces([snap.reshape(-1).view(torch.uint8) for snap in snaps]))  # [bytes]
-                    lease = self.pinned_lease(packed.numel(), len(records))
-                    lease.buffer[:packed.numel()].copy_(packed, non_blocking=True)  # [bytes]
+                packed = torch.cat(aligned_pieces([snap.reshape(-1).view(torch.uint8) for snap in snaps]))  # [bytes]
+                lease = self.pinned_lease(packed.numel(), len(records))
+                lease.buffer[:packed.numel()].copy_(packed, non_blocking=True)  # [bytes]
                 # no record_stream per snapshot (several us each): `snaps` holds them until `done` below
                 done = torch.cuda.Event(blocking=True)  # the writer sleeps in synchronize(), not spins
                 done.record(side)
@@ -327,37 +318,6 @@ def aligned_pieces(raws: list) -> list:
     return pieces
 
 
-def copy_pieces(copy, pieces: list, host: int, stream: int) -> None:
-    """Device memory to pinned host memory at address `host`: `pieces` (host offset, device address,
-    bytes), one cudaMemcpyAsync each on `stream` (its handle), given by `memcpy_async`. About 2 us of
-    host time per piece, where torch took a view, a reshape and a pad tensor each (eager full capture
-    on an H200: 57 us of the writer's CPU per record to pack and copy)."""
-    for offset, device_address, n in pieces:
-        if n and copy(host + offset, device_address, n, _DEVICE_TO_HOST, stream) != 0:
-            raise RuntimeError(f"cudaMemcpyAsync of {n} bytes to the host failed")
-
-
-def aligned_offsets(sizes: list) -> tuple[list, int]:
-    """Where pieces of `sizes` bytes start when each starts ALIGN-aligned, and the bytes of them all."""
-    offsets, at = [], 0
-    for n in sizes:
-        offsets.append(at)
-        at += n + (-n % ALIGN)
-    return offsets, at
-
-
-def memcpy_async():
-    """cudaMemcpyAsync(dst, src, bytes, kind, stream) from torch's libcudart, or None."""
-    global _memcpy
-    if _memcpy is None:
-        function = _cudart_symbol("cudaMemcpyAsync")
-        if function is not None:
-            function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
-            function.restype = ctypes.c_int
-        _memcpy = function or False
-    return _memcpy or None
-
-
 def size_class(nbytes: int) -> int:
     """The pinned pool's size class for `nbytes`: the smallest power of two >= nbytes, at least
     MIN_PINNED_BYTES."""
@@ -375,8 +335,6 @@ def capturing_cuda_graph() -> bool:
 
 
 ALIGN = 16  # bytes: where each snapshot starts in a packed batch
-_DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
-_memcpy = None  # cudaMemcpyAsync once looked up; False where it was not found
 _relaxed = threading.local()
 _CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed
 
