@@ -454,6 +454,7 @@ def demo_command(
       tensortap demo --device cuda        (4 GPUs over NCCL)
       tensortap demo --device cuda --cuda-graph   the same, every step a replayed CUDA graph
     """
+    from tensortap.cli_demo import check_demo_device, print_demo
     from tensortap.mla.config import PRESETS
     from tensortap.mla.demo import default_out, run_demo
     from tensortap.mla.scenario import Scenario
@@ -464,7 +465,7 @@ def demo_command(
     if ranks < 1 or dcp < 1 or ranks % dcp or PRESETS[preset].num_heads % ranks:
         raise usage_error(f"--ranks {ranks} must split {PRESETS[preset].num_heads} heads and be a multiple "
                           f"of --dcp {dcp}")
-    _check_demo_device(device, ranks)
+    check_demo_device(device, ranks)
     if cuda_graph and device != "cuda":
         raise usage_error("--cuda-graph needs --device cuda (CUDA graphs run on GPUs)")
     try:
@@ -479,47 +480,7 @@ def demo_command(
     err.print(f"running {preset} decode on {ranks} {device} ranks (TP{ranks}/DCP{dcp}, "
               f"draft config {'fixed' if fixed else 'as vLLM 0.33.0 builds it'}), tap -> {target}")
     run = run_demo(scenario, target, device)
-    _print_demo(run)
-
-
-def _check_demo_device(device: str, ranks: int) -> None:
-    """Before any work: the device exists, with a GPU for every rank."""
-    if device not in ("cpu", "cuda"):
-        raise usage_error(f"--device {device!r}: choose cpu (gloo ranks) or cuda (one GPU a rank)")
-    if device == "cuda":
-        import torch
-
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if found < ranks:
-            fewer = f", or --ranks {found}" if found else ""
-            raise usage_error(f"--device cuda needs {ranks} GPUs (one a rank), found {found}; "
-                              f"run on CPU ranks with --device cpu{fewer}")
-
-
-def _print_demo(run) -> None:
-    import tensortap
-    from tensortap.text import human_bytes
-
-    d = tensortap.open(run.out)
-    out.print(Text(f"captured {len(d)} records, {human_bytes(d.nbytes)}, from {len(d.ranks)} ranks in {run.seconds:.1f} s: "
-                   f"{run.out}"))
-    for role in d.roles:
-        sub = d.select(point="merged_out", role=role)
-        zero = {}
-        for rec in sub:
-            zero[rec.rank] = max(zero.get(rec.rank, 0), rec.stats.get("zero_heads", 0))
-        heads = {rec.rank: rec.shape[1] for rec in sub}
-        listing = ", ".join(f"rank {r}: {zero[r]}/{heads[r]}" for r in sorted(zero))
-        out.print(Text(f"  {role}: all-zero attention heads after the merge ({listing})"))
-    from tensortap.analysis import check
-
-    report = check(d)
-    if report.verdicts:
-        for verdict in report.verdicts:
-            out.print(Text(verdict.name.upper(), style="bold red") + Text(f" {verdict.explanation}"))
-    else:
-        out.print(f"check: {'clean' if report.clean else f'{len(report.findings)} findings'}")
-    out.print(Text(f"next: tensortap check {run.out}"))
+    print_demo(run)
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ from typing import Iterator
 import numpy as np
 
 from tensortap.analysis import layout
-from tensortap.dump import Dump, Record
+from tensortap.dump import Dump
+from tensortap.record import Record
 from tensortap.format.codecs import FLOAT_NAMES
 from tensortap.vocab import EVENT_POINTS, FORWARD_KEYS  # noqa: F401  (FORWARD_KEYS re-exported)
 

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from tensortap.errors import FormatError
-from tensortap.format import live, schema, validate
+from tensortap.format import live, opening, schema, validate
 from tensortap.format.codecs import STORED
 from tensortap.text import human_bytes
 
@@ -58,7 +58,7 @@ class SegmentReader:
     def __init__(self, path: str, listing: bool = True):
         self.path = live.current_name(path)
         try:
-            self.file = validate.open_file(self.path)
+            self.file = opening.open_file(self.path)
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -85,7 +85,7 @@ class SegmentReader:
 
     @property
     def size(self) -> int:
-        return validate.file_size(self.file)
+        return opening.file_size(self.file)
 
     # -- listing ---------------------------------------------------------------------------
     def _root_attrs(self) -> dict:
@@ -377,7 +377,7 @@ def read_sidecar(path: str) -> dict:
     """What a writer that failed noted beside its segment (capture_error, records_lost), if anything."""
     sidecar = path + schema.ERROR_SUFFIX
     try:
-        fd = validate.open_regular(sidecar)
+        fd = opening.open_regular(sidecar)
     except (OSError, FormatError):
         return {}
     try:
