@@ -3,7 +3,9 @@
 `ChildSink` starts `python -m tensortap.capture.sink`, sends it each batch with one writev (arrays
 of 64 KiB or more through `_Ring`, a memfd both processes map), and reads its one-line replies
 in a small thread (frames.py lists them). It keeps every batch until the writer process says it
-is committed, so that the writer thread can write them again itself if the process dies.
+is committed, so that the writer thread can write them again itself if the process dies: a record
+copied wholly into the ring is kept as that copy (its span is reused only once acknowledged), and its
+snapshot goes back to the pool at once.
 """
 
 from __future__ import annotations
