@@ -60,6 +60,8 @@ def test_large_arrays_go_through_the_ring_and_small_ones_inline():
     records = [(b"{}", True, {"data": big, "stats:a": small}), (b"{}", True, {"data": middle}),
                (b"{}", True, {"data": big[::-1].copy()})]
     _, _, got = round_trip(records, ring)
+    assert np.shares_memory(records[0][2]["data"], ring.buffer) and records[0][2]["stats:a"] is small, \
+        "an array copied into the ring is replaced by that copy in its record (its snapshot can be reused)"
     assert np.array_equal(got[0][2]["data"], big) and np.array_equal(got[0][2]["stats:a"], small)
     assert np.array_equal(got[1][2]["data"], middle)
     assert np.array_equal(got[2][2]["data"], big[::-1]), "a ring array's header is never reused"

@@ -423,3 +423,6 @@ def test_the_writer_yields_the_gil_at_the_gpu_pace_once_a_graph_slot_is_made(tap
     capture(FakeGraph())
     assert job._yield_ns == job.GPU_YIELD_NS < job.YIELD_NS
     tensortap.close()
+    tensortap.configure(dir=tap_dir)
+    assert job._yield_ns == job.YIELD_NS, "a new tap starts at the CPU pace"
+    tensortap.close()

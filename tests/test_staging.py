@@ -174,10 +174,10 @@ def test_stats_parts_are_attached_as_numpy_views_and_data_as_torch(fake_pinned):
     lease.buffer[:4096] = torch.arange(4096) % 251
     record = Staged({})
     record.tensors, record.stream = {"data": torch.zeros(3, dtype=torch.bfloat16),
-                                     "cells:hash": torch.zeros(2, 1, 1, dtype=torch.int64),
-                                     "cells:absmax": torch.zeros(2, 1, 1, dtype=torch.bfloat16)}, "a stream"
+                                     "part:hash": torch.zeros(2, 1, 1, dtype=torch.int64),
+                                     "part:absmax": torch.zeros(2, 1, 1, dtype=torch.bfloat16)}, "a stream"
     staging.attach([record], lease)
-    data, digest, absmax = (record.tensors[k] for k in ("data", "cells:hash", "cells:absmax"))
+    data, digest, absmax = (record.tensors[k] for k in ("data", "part:hash", "part:absmax"))
     assert isinstance(data, torch.Tensor) and data.dtype == torch.bfloat16
     assert isinstance(digest, np.ndarray) and digest.shape == (2, 1, 1) and digest.dtype == np.int64
     assert digest.ctypes.data == lease.buffer.data_ptr() + 16, "a view at its aligned offset, not a copy"

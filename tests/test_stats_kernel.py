@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,8 @@ COMPARE = textwrap.dedent("""
         for n in (None, 0, 1, x.shape[0] // 2):
             cells = stats_kernel.cells(x, point)
             assert len(cells) <= 1 and all(k.startswith("cells@") for k in cells), sorted(cells)
+            if x.shape[0] > 1:  # any number of rows shares the plan
+                assert list(stats_kernel.cells(x[:1].clone(), point)) == list(cells), (point, x.shape)
             got = device_stats.finish({{k: v.cpu() for k, v in cells.items()}}, n)
             want = {{k: v.cpu() for k, v in device_stats.finish(device_stats._torch_partials(
                 x[:n].contiguous() if n is not None else x, point)).items()}}
@@ -59,8 +62,8 @@ def test_the_interpreted_kernel_equals_torchs_partials():
 
 def test_without_triton_or_a_gpu_torch_computes_the_partials():
     x = torch.randn(3, 4, 16)
-    assert not stats_kernel.usable(x, "q")  # a CPU tensor
-    assert all(not key.startswith("cells:") for key in device_stats.partials(x, "q"))
+    assert stats_kernel.plan(x, "q") is None  # a CPU tensor
+    assert all(not key.startswith("cells@") for key in device_stats.partials(x, "q"))
 
 
 @gpu
@@ -76,10 +79,10 @@ def test_on_the_gpu_the_kernel_equals_torchs_partials():
 def test_on_the_gpu_the_partials_are_one_kernel():
     pytest.importorskip("triton")
     x = torch.randn(4, 8, 576, device="cuda").bfloat16()
-    assert stats_kernel.usable(x, "q")
+    assert stats_kernel.plan(x, "q") is not None
     parts = device_stats.partials(x, "q")
     (key, buffer), = parts.items()
-    assert buffer.dtype == torch.uint8 and buffer.numel() == stats_kernel.plan_of(key).nbytes, "one buffer"
+    assert buffer.dtype == torch.uint8 and buffer.numel() == 4 * stats_kernel.plan_of(key).row_bytes, "one buffer"
     assert [name for name, *_ in stats_kernel.plan_of(key).parts] == ["buckets", "absmax", "sumsq", "zeros"]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         device_stats.partials(x, "q")
@@ -116,3 +119,49 @@ def test_inside_a_graph_the_kernel_replays_with_the_new_values():
             assert sorted(got) == sorted(want)
             for key in want:
                 torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_plan_lays_out_every_row_alike_and_its_views_read_each_part():
+    """The one buffer is [rows, row_bytes]: each output's part of a row at its own 8-byte aligned offset;
+    views() gives every output as [rows, G, C, ...] over it (no Triton needed: the plan is host code)."""
+    x = torch.zeros(3, 4, 3000)  # a head point: G = 4 heads, C = 2 chunks of CHUNK (2048)
+    found = stats_kernel._plan_for(x, "q")
+    assert stats_kernel._plan_for(torch.zeros(7, 4, 3000), "q") is found, "the row count is not part of the kind"
+    assert [name for name, *_ in found.parts] == ["buckets", "absmax", "sumsq", "zeros"]
+    assert all(at % 8 == 0 for _, at, _, _ in found.parts) and found.row_bytes % 16 == 0
+    assert found.groups == 4 and found.chunks == 2 and found.width == 3000
+    flat = np.zeros(3 * found.row_bytes, np.uint8)
+    table = flat.reshape(3, found.row_bytes)
+    for name, at, shape, dtype in found.parts:  # row t of part k holds the value 10 * t + k
+        k = [n for n, *_ in found.parts].index(name)
+        for t in range(3):
+            table[t, at:at + int(np.prod(shape)) * dtype.itemsize].view(dtype)[:] = 10 * t + k
+    views = found.views(flat)
+    assert views["buckets"].shape == (3, 4, 2, 4) and views["sumsq"].dtype == np.float64
+    for k, (name, *_rest) in enumerate(found.parts):
+        assert all((views[name][t] == 10 * t + k).all() for t in range(3)), name
+    assert (found.views(flat[:found.row_bytes])["zeros"] == 3).all(), "the first rows alone: a prefix of the buffer"
+
+
+def test_plans_made_by_racing_threads_get_distinct_keys_and_the_bound_is_said_once(monkeypatch, caplog):
+    import logging
+    import threading
+
+    made, start = [], threading.Barrier(4)
+
+    def make(width):
+        start.wait()
+        made.append(stats_kernel._plan_for(torch.zeros(2, width), "hidden").key)
+
+    threads = [threading.Thread(target=make, args=(9000 + w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 4 and all(stats_kernel.plan_of(key).key == key for key in made)
+    monkeypatch.setattr(stats_kernel, "MAX_PLANS", len(stats_kernel._plans))
+    monkeypatch.setattr(stats_kernel, "_said_full", False)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        assert stats_kernel._plan_for(torch.zeros(2, 9999), "hidden") is None
+        assert stats_kernel._plan_for(torch.zeros(2, 9998), "hidden") is None
+    assert len([r for r in caplog.records if "stats-kernel plan" in r.getMessage()]) == 1

@@ -447,7 +447,6 @@ def test_a_writer_process_killed_with_batches_in_flight_loses_nothing(tap_dir, c
     assert len(got) - len(set(got)) <= 3, "at most the one batch committed in the instant of the kill twice"
 
 
-
 def test_snapshots_copied_into_the_ring_are_reused_before_the_ack_and_a_fallback_writes_the_ring_copy(tap_dir, caplog):
     """A record wholly in the shared ring gives its snapshot back to the pool at once (the next step's
     snapshot reuses it); if the writer process dies before committing, the fallback writes the ring's

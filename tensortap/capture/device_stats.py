@@ -63,8 +63,9 @@ def partials(tensor: torch.Tensor, point: str, rows: bool = False, empty=None) -
     with `rows` (rows along dimension 0 of a tensor of at least one dimension), per row. `empty(shape,
     dtype)` makes the fused kernel's outputs (graph slots: views of the slot arena); torch's kernels
     make their own."""
-    if stats_kernel.plan(tensor, point) is not None:
-        return stats_kernel.cells(tensor, point, empty)  # one kernel; per row, so it serves `rows` too
+    found = stats_kernel.plan(tensor, point)
+    if found is not None:
+        return stats_kernel.cells(tensor, point, empty, found)  # one kernel; per row, so it serves `rows` too
     return _torch_partials(tensor, point, rows)
 
 

@@ -46,11 +46,19 @@ def yield_gil() -> None:
 
 def pace_for_gpu() -> None:
     """The model's thread launches GPU kernels, each of which waits for the GIL: yield every
-    GPU_YIELD_NS (an H200 step of the glm5 reference, graph-replayed with stats on one layer, went
-    from 1.31x to 1.12x the untapped step with 20 us instead of 100 us; CPU records keep 100 us, where
-    a release costs more than it saves). Called on the writer side, once a CUDA record is seen."""
+    GPU_YIELD_NS. Measured on an H200 (glm5 reference, benchmarks/gpu_gil_yield.py, one run): graph-
+    replayed stats on one layer 1.26x the untapped step at 100 us, 1.15x at 20 us; graph full and the
+    eager modes moved within that host's noise (0.01-0.05x, slower at 20 us). CPU records keep 100 us,
+    where a release costs more than it saves. Called once a CUDA record is seen: by the writer's host
+    copy, and when a graph slot is made (the model's thread, at capture)."""
     global _yield_ns
     _yield_ns = GPU_YIELD_NS
+
+
+def reset_pace() -> None:
+    """Back to the CPU pace (a new Writer: the records it will see are not known yet)."""
+    global _yield_ns
+    _yield_ns = YIELD_NS
 
 
 class Job:

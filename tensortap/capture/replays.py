@@ -30,7 +30,7 @@ class GraphRecords:
         scope_tensors = on_device(state.tensors, tensor.device)
         keeps_data = self._keeps_data(tensor)
         plan = None if keeps_data else stats_kernel.plan(tensor, point)
-        made = tensor.nbytes if keeps_data else plan.nbytes if plan else 0  # what the slot will hold, known now
+        made = tensor.nbytes if keeps_data else plan.row_bytes * tensor.shape[0] if plan else 0  # the slot's bytes
         if not self.graphs.fits(name, made + sum(t.nbytes for t in scope_tensors.values())):
             return
         watched = trigger.which(point, self.recorder.triggers) if self.recorder is not None else None

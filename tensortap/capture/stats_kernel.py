@@ -26,12 +26,16 @@ CUDA-graph capture only once the variant is compiled (a compile there could brea
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 
 import numpy as np
 import torch
 
 from tensortap import vocab
+
+log = logging.getLogger("tensortap")
 
 CHUNK = 2048  # elements per program: 8192 gave long rows (hidden [T, 6144]) one program each; 2048 cut the
 # kernels' GPU time per glm5 graph step from 131 to 57 us (H200)
@@ -44,49 +48,53 @@ _NO_MINMAX = (torch.uint8, torch.bool)
 _OUTPUTS = ("buckets", "absmax", "min", "max", "sumsq", "zeros", "valid", "hash")  # the kernel's order
 _NUMPY = {torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64), torch.float32: np.dtype(np.float32),
           torch.float64: np.dtype(np.float64)}
-MAX_PLANS = 16384  # glm5 at 512 graph sizes: about 6,000
-_plans: dict = {}  # (shape, dtype, point, device index, 16-byte aligned) -> Plan
+_FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's FLOAT_KIND
+MAX_PLANS = 4096  # kinds of tensor (a row count does not make a new kind)
+_plans: dict = {}  # (shape past the rows, dtype, point, device index, 16-byte aligned) -> Plan
 _by_key: dict = {}  # Plan.key -> Plan
+_indices = itertools.count()  # plan indices: next() is atomic, so racing caller threads never share one
+_said_full = False
 _compiled: set = set()  # variants that ran once outside a capture
 _kernel = None  # the Triton kernel, made on first use; False where Triton is missing
 
 
 class Plan:
-    """How `cells` lays out the outputs for one kind of tensor (shape, dtype, point, device, alignment):
-    all of them in one uint8 buffer, each at a 16-byte aligned offset, so that a point allocates one
-    buffer and launches one kernel with one output pointer. Made once and kept (`_plans`); its `key`
+    """How `cells` lays out the outputs for one kind of tensor (its shape past the rows, dtype, point,
+    device, alignment): all of them in one uint8 buffer [rows, row_bytes], row-major, each output's
+    part of a row at a fixed 8-byte aligned offset in it. So a point allocates one buffer and launches
+    one kernel with one output pointer, and any number of rows shares the plan (a replay's num_tokens
+    trims the buffer's rows like any row-major array). Made once and kept (`_plans`); its `key`
     ("cells@<index>") names the buffer in a record, and `views` reads it on the host."""
 
-    __slots__ = ("key", "parts", "nbytes", "grid", "width", "chunks", "offsets", "flags", "variant")
+    __slots__ = ("key", "parts", "row_bytes", "groups", "width", "chunks", "offsets", "flags", "variant")
 
     def __init__(self, tensor: torch.Tensor, point: str, index: int):
         head, index_point, hashed = kind = _point_kind(tensor, point)
         is_float = tensor.dtype in _FLOATS
         has_minmax = not is_float and tensor.dtype not in _NO_MINMAX
-        shapes = layout(tensor, point)
         self.key = f"cells@{index}"
         parts, at = [], 0
-        for name, (shape, dtype) in shapes.items():
-            parts.append((name, at, shape, _NUMPY[dtype]))
-            at += -(-math.prod(shape) * dtype.itemsize // 16) * 16
-        self.parts = tuple(parts)  # (name, byte offset, shape, numpy dtype)
-        self.nbytes = at
-        rows = tensor.shape[0]
-        groups = tensor.shape[1] if head else 1
-        self.width = tensor.numel() // (rows * groups)  # D: elements per cell
-        self.chunks = -(-self.width // CHUNK)
-        self.grid = (rows * groups, self.chunks)
+        for name, (shape, dtype) in layout(tensor, point).items():
+            parts.append((name, at, shape[1:], _NUMPY[dtype]))  # the part of one row
+            at += -(-math.prod(shape[1:]) * dtype.itemsize // 8) * 8
+        self.parts = tuple(parts)  # (name, byte offset in a row, shape of a row's part, numpy dtype)
+        self.row_bytes = -(-at // 16) * 16  # every row starts 16-byte aligned
+        self.groups = tensor.shape[1] if head else 1  # G
+        self.width = tensor.numel() // (tensor.shape[0] * self.groups)  # D: elements per cell
+        self.chunks = -(-self.width // CHUNK)  # C
         where = {name: offset for name, offset, _, _ in parts}
-        self.offsets = tuple(where.get(name, 0) for name in _OUTPUTS)  # byte offsets, in the kernel's order
-        self.flags = dict(IS_FLOAT=is_float, FLOAT_KIND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(
-            tensor.dtype, 0), MINMAX=has_minmax, HEAD=head and is_float, INDEX=index_point and has_minmax, HASH=hashed,
-            CHUNK=CHUNK, BLOCK=BLOCK)
+        self.offsets = tuple(where.get(name, 0) for name in _OUTPUTS)  # byte offsets in a row, the kernel's order
+        self.flags = dict(IS_FLOAT=is_float, FLOAT_KIND=_FLOAT_KIND.get(tensor.dtype, 0), MINMAX=has_minmax,
+                          HEAD=head and is_float, INDEX=index_point and has_minmax, HASH=hashed, CHUNK=CHUNK, BLOCK=BLOCK)
         self.variant = _variant(tensor, kind)
 
     def views(self, flat) -> dict:
-        """The outputs as numpy arrays viewing `flat` (the buffer on the host: numpy uint8 [nbytes])."""
-        return {name: flat[at:at + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-                for name, at, shape, dtype in self.parts}
+        """The outputs [rows, G, C, ...] as numpy arrays viewing `flat` (the buffer on the host: numpy
+        uint8 [rows * row_bytes])."""
+        rows = flat.size // self.row_bytes
+        table = flat[:rows * self.row_bytes].reshape(rows, self.row_bytes)  # [rows, row_bytes]
+        return {name: table[:, at:at + math.prod(shape) * dtype.itemsize].view(dtype).reshape((rows,) + shape)
+                for name, at, shape, dtype in self.parts}  # [rows, *shape], strided by row_bytes
 
 
 def plan(tensor: torch.Tensor, point: str) -> Plan | None:
@@ -94,43 +102,56 @@ def plan(tensor: torch.Tensor, point: str) -> Plan | None:
     CUDA, empty, a dtype it does not read, no Triton; inside a CUDA-graph capture, a variant not compiled
     yet: the first compile happens outside captures, the warm-up forward runs first). Then torch's
     kernels do."""
-    found = _plans.get((tensor.shape, tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0))
+    if not tensor.is_cuda:
+        return None
+    found = _plans.get((tensor.shape[1:], tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0))
     if found is None:
-        if not tensor.is_cuda or not _readable(tensor) or _get_kernel() is None:
+        if not _readable(tensor) or _get_kernel() is None:
             return None
         found = _plan_for(tensor, point)
         if found is None:
             return None
+    elif not tensor.shape[0]:
+        return None  # no rows
     if found.variant not in _compiled and torch.cuda.is_current_stream_capturing():
         return None
     return found
 
 
 def _plan_for(tensor: torch.Tensor, point: str) -> Plan | None:
-    """The kept Plan of this kind of tensor, made now if new (None past MAX_PLANS kinds: a run of ever
-    new shapes gets torch's kernels past the bound)."""
-    key = (tensor.shape, tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0)
+    """The kept Plan of this kind of tensor, made now if new (None past MAX_PLANS kinds, said once: a run
+    of ever new shapes past the rows gets torch's kernels past the bound)."""
+    key = (tensor.shape[1:], tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0)
     found = _plans.get(key)
-    if found is None and len(_plans) < MAX_PLANS:
-        found = _plans[key] = Plan(tensor, point, len(_plans))
+    if found is None:
+        if len(_plans) >= MAX_PLANS:
+            if not _said_full:
+                _say_full()
+            return None
+        found = Plan(tensor, point, next(_indices))  # a new index even when two threads race on one key
         _by_key[found.key] = found
+        _plans[key] = found
     return found
 
 
-def usable(tensor: torch.Tensor, point: str) -> bool:
-    """Can the fused kernel compute this tensor's partials (else torch's kernels do)?"""
-    return plan(tensor, point) is not None
+def _say_full() -> None:
+    global _said_full
+    _said_full = True
+    log.warning("tensortap: %d kinds of tensor have a stats-kernel plan; new kinds get torch's kernels (slower)",
+                MAX_PLANS)
 
 
 def _readable(tensor: torch.Tensor) -> bool:
+    """Rows to read, of a dtype the kernel reads."""
     if tensor.dim() == 0 or tensor.numel() == 0 or tensor.shape[0] == 0:
         return False
     return tensor.dtype in _FLOATS or tensor.dtype in _INTEGERS or tensor.dtype in _NO_MINMAX
 
 
 def layout(tensor: torch.Tensor, point: str) -> dict[str, tuple[tuple, torch.dtype]]:
-    """The outputs `cells` makes for `tensor` at `point`: key -> (shape, dtype) (module docstring); empty
-    for uint8/bool outside the row points (no stats)."""
+    """The kernel's outputs for `tensor` at `point`: name -> (shape [T, G, C, ...], dtype) (module
+    docstring), which its Plan places in one buffer; empty for uint8/bool outside the row points (no
+    stats)."""
     head, index, hashed = _point_kind(tensor, point)
     is_float = tensor.dtype in _FLOATS
     has_minmax = not is_float and tensor.dtype not in _NO_MINMAX
@@ -157,23 +178,27 @@ def plan_of(key: str) -> Plan:
     return _by_key[key]
 
 
-def cells(tensor: torch.Tensor, point: str, empty=None) -> dict[str, torch.Tensor]:
+def cells(tensor: torch.Tensor, point: str, empty=None, found: Plan | None = None) -> dict[str, torch.Tensor]:
     """The partials of `tensor` at `point` per (row, group, chunk), from one kernel into one buffer
-    (module docstring): {plan.key: uint8 [plan.nbytes]}, or {} for uint8/bool outside the row points (no
-    stats). `empty(shape, dtype)` makes the buffer (inside a CUDA graph: a view of the tap's slot arena);
-    by default torch.empty on the tensor's device."""
-    found = _plan_for(tensor, point) if _readable(tensor) else None
+    (module docstring): {plan.key: uint8 [rows * plan.row_bytes]}, or {} for uint8/bool outside the row
+    points (no stats). `found`: its Plan, when the caller looked it up already. `empty(shape, dtype)`
+    makes the buffer (inside a CUDA graph: a view of the tap's slot arena); by default torch.empty on
+    the tensor's device."""
     if found is None:
-        raise ValueError(f"the stats kernel cannot read this tensor ({tensor.dtype}, {tuple(tensor.shape)})")
+        found = _plan_for(tensor, point) if _readable(tensor) else None
+        if found is None:
+            raise ValueError(f"the stats kernel cannot read this tensor ({tensor.dtype}, {tuple(tensor.shape)})")
     if not found.parts:
         return {}
+    rows = tensor.shape[0]
     flat = tensor.contiguous().view(-1)  # [N]
     bits = flat.view(_SIGNED[flat.element_size()])  # [N]: the elements as signed integers of their width
     if empty is None:
-        out = torch.empty(found.nbytes, dtype=torch.uint8, device=tensor.device)  # [nbytes]
+        out = torch.empty(rows * found.row_bytes, dtype=torch.uint8, device=tensor.device)  # [rows * row_bytes]
     else:
-        out = empty((found.nbytes,), torch.uint8)  # [nbytes]
-    _get_kernel()[found.grid](bits, found.width, found.chunks, out, *found.offsets, **found.flags)
+        out = empty((rows * found.row_bytes,), torch.uint8)  # [rows * row_bytes]
+    _get_kernel()[(rows * found.groups, found.chunks)](bits, found.width, found.chunks, found.groups, found.row_bytes,
+                                                       out, *found.offsets, **found.flags)
     _compiled.add(found.variant)
     return {found.key: out}
 
@@ -206,23 +231,23 @@ def _build():
 
     offsets = ["at_buckets", "at_absmax", "at_min", "at_max", "at_sumsq", "at_zeros", "at_valid", "at_hash"]
 
-    @triton.jit(do_not_specialize=["width", "chunks"] + offsets)
-    def stats_cells(bits_ptr, width, chunks, out_ptr, at_buckets, at_absmax, at_min, at_max, at_sumsq, at_zeros,
-                    at_valid, at_hash, IS_FLOAT: tl.constexpr, FLOAT_KIND: tl.constexpr, MINMAX: tl.constexpr,
-                    HEAD: tl.constexpr, INDEX: tl.constexpr, HASH: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK: tl.constexpr):
-        # every output in the one uint8 buffer, at its byte offset (Plan)
-        buckets_ptr = (out_ptr + at_buckets).to(tl.pointer_type(tl.int32))
-        absmax_ptr = (out_ptr + at_absmax).to(tl.pointer_type(tl.float32))
-        min_ptr = (out_ptr + at_min).to(tl.pointer_type(tl.int64))
-        max_ptr = (out_ptr + at_max).to(tl.pointer_type(tl.int64))
-        sumsq_ptr = (out_ptr + at_sumsq).to(tl.pointer_type(tl.float64))
-        zeros_ptr = (out_ptr + at_zeros).to(tl.pointer_type(tl.int32))
-        valid_ptr = (out_ptr + at_valid).to(tl.pointer_type(tl.int32))
-        hash_ptr = (out_ptr + at_hash).to(tl.pointer_type(tl.int64))
+    @triton.jit(do_not_specialize=["width", "chunks", "groups", "row_bytes"] + offsets)
+    def stats_cells(bits_ptr, width, chunks, groups, row_bytes, out_ptr, at_buckets, at_absmax, at_min, at_max,
+                    at_sumsq, at_zeros, at_valid, at_hash, IS_FLOAT: tl.constexpr, FLOAT_KIND: tl.constexpr,
+                    MINMAX: tl.constexpr, HEAD: tl.constexpr, INDEX: tl.constexpr, HASH: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         cell = tl.program_id(0).to(tl.int64)  # (t, g) flattened
         chunk = tl.program_id(1).to(tl.int64)
-        out = cell * chunks + chunk  # this program's entry in every [T, G, C] output
+        row_ptr = out_ptr + (cell // groups) * row_bytes  # row t of the one uint8 buffer [T, row_bytes] (Plan)
+        out = (cell % groups) * chunks + chunk  # this program's entry in every output's [G, C] part of the row
+        buckets_ptr = (row_ptr + at_buckets).to(tl.pointer_type(tl.int32))
+        absmax_ptr = (row_ptr + at_absmax).to(tl.pointer_type(tl.float32))
+        min_ptr = (row_ptr + at_min).to(tl.pointer_type(tl.int64))
+        max_ptr = (row_ptr + at_max).to(tl.pointer_type(tl.int64))
+        sumsq_ptr = (row_ptr + at_sumsq).to(tl.pointer_type(tl.float64))
+        zeros_ptr = (row_ptr + at_zeros).to(tl.pointer_type(tl.int32))
+        valid_ptr = (row_ptr + at_valid).to(tl.pointer_type(tl.int32))
+        hash_ptr = (row_ptr + at_hash).to(tl.pointer_type(tl.int64))
         first = cell * width + chunk * CHUNK  # flat index of the chunk's first element
         end = tl.minimum(width - chunk * CHUNK, CHUNK)  # elements in this chunk
         n_ninf = tl.zeros([BLOCK], dtype=tl.int32)

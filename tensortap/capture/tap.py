@@ -39,7 +39,7 @@ import torch
 from tensortap import vocab
 from tensortap.capture import device_stats, graphs, trigger
 from tensortap.capture.identity import discover_rank, run_identity
-from tensortap.capture.job import Job, record_count
+from tensortap.capture.job import Job, record_count, reset_pace
 from tensortap.capture.lean import LeanRecords
 from tensortap.capture.replays import GraphRecords
 from tensortap.capture.seen import Seen, filter_text
@@ -66,6 +66,7 @@ class Tap(LeanRecords, GraphRecords):
         self.full = config.mode == "full"
         self.counters = Counters()
         self.stager = Stager()
+        reset_pace()  # the writer's GIL pace: the CPU's until this tap sees a CUDA record
         self.writer: Writer | None = None
         self.budget_spent = False
         self._bytes_accepted = 0

@@ -1,4 +1,4 @@
-"""The on-disk format: the only package that imports h5py (reader.py, validate.py, segment.py).
+"""The on-disk format: the only package that imports h5py (reader.py, opening.py, validate.py, segment.py).
 
 Its names load on first use: schema, codecs and stats need only numpy, so a server whose writer
 is a separate process (writer=process) never imports h5py through this package.
