@@ -56,7 +56,7 @@ def pace_for_gpu() -> None:
 
 
 def reset_pace() -> None:
-    """Back to the CPU pace (a new Writer: the records it will see are not known yet)."""
+    """Back to the CPU pace (a new Tap: the records it will see are not known yet)."""
     global _yield_ns
     _yield_ns = YIELD_NS
 

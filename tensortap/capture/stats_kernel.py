@@ -104,41 +104,40 @@ def plan(tensor: torch.Tensor, point: str) -> Plan | None:
     kernels do."""
     if not tensor.is_cuda:
         return None
-    found = _plans.get((tensor.shape[1:], tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0))
+    found = _plans.get(_kind(tensor, point))  # a kept plan: the tensor's kind was checked when it was made
     if found is None:
-        if not _readable(tensor) or _get_kernel() is None:
-            return None
-        found = _plan_for(tensor, point)
+        found = _plan_for(tensor, point) if _readable(tensor) and _get_kernel() is not None else None
         if found is None:
             return None
     elif not tensor.shape[0]:
-        return None  # no rows
+        return None  # a kind seen before, with no rows this time
     if found.variant not in _compiled and torch.cuda.is_current_stream_capturing():
         return None
     return found
 
 
+def _kind(tensor: torch.Tensor, point: str) -> tuple:
+    """What a Plan is kept by: the shape past the rows, dtype, point, device index, 16-byte alignment."""
+    return tensor.shape[1:], tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0
+
+
 def _plan_for(tensor: torch.Tensor, point: str) -> Plan | None:
     """The kept Plan of this kind of tensor, made now if new (None past MAX_PLANS kinds, said once: a run
     of ever new shapes past the rows gets torch's kernels past the bound)."""
-    key = (tensor.shape[1:], tensor.dtype, point, tensor.get_device(), tensor.data_ptr() % 16 == 0)
-    found = _plans.get(key)
+    global _said_full
+    kind = _kind(tensor, point)
+    found = _plans.get(kind)
     if found is None:
         if len(_plans) >= MAX_PLANS:
             if not _said_full:
-                _say_full()
+                _said_full = True
+                log.warning("tensortap: %d kinds of tensor have a stats-kernel plan; new kinds get torch's "
+                            "kernels (slower)", MAX_PLANS)
             return None
-        found = Plan(tensor, point, next(_indices))  # a new index even when two threads race on one key
+        found = Plan(tensor, point, next(_indices))  # a new index even when two threads race on one kind
         _by_key[found.key] = found
-        _plans[key] = found
+        _plans[kind] = found
     return found
-
-
-def _say_full() -> None:
-    global _said_full
-    _said_full = True
-    log.warning("tensortap: %d kinds of tensor have a stats-kernel plan; new kinds get torch's kernels (slower)",
-                MAX_PLANS)
 
 
 def _readable(tensor: torch.Tensor) -> bool:
